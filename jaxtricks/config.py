@@ -1,0 +1,290 @@
+"""Typed configuration: frozen dataclasses, YAML files, ``key.sub=value`` overrides, validation.
+
+Every error raised here is a :class:`ConfigError` whose message names the key, the value and what is
+allowed, so ``train.py`` can print it as one line and exit before anything is compiled or written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key that is not allowed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Sizes of the decoder-only transformer."""
+
+    vocab_size: int = 257  # bytes 0..255 plus the end-of-document token 256
+    num_layers: int = 4
+    d_model: int = 192
+    num_heads: int = 4
+    d_ff: int = 768  # hidden width of the MLP
+    max_seq_len: int = 128  # the model's context: the longest sequence it can read
+    dropout: float = 0.0
+    position: Literal["learned", "rope"] = "learned"
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; parameters stay float32
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the text comes from and how it is cut into training sequences."""
+
+    source: Literal["embedded", "text", "tfds"] = "embedded"
+    path: str = ""  # source=text: a file, a folder or a glob of text files
+    name: str = ""  # source=tfds: a dataset prepared in array_record format, e.g. "lm1b"
+    train_split: str = "train"
+    val_split: str = "validation"  # source=tfds: e.g. "test" for lm1b
+    text_field: str = "text"
+    data_dir: str = ""  # where TFDS datasets live ("" = TFDS's default, ~/tensorflow_datasets)
+    seq_len: int = 128  # tokens per training sequence (<= model.max_seq_len)
+    val_fraction: float = 0.05  # source=embedded/text: share of documents held out for validation
+    num_workers: int = 0  # grain worker processes (0 = read in the main process)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """The optimizer and every training trick of the library; 0 or null switches a trick off."""
+
+    name: Literal["sgd", "momentum", "adam", "adamw"] = "adamw"
+    learning_rate: float = 3e-3  # peak learning rate
+    schedule: Literal[
+        "constant", "cosine", "linear", "exponential", "polynomial", "wsd", "inverse_sqrt"
+    ] = "cosine"
+    warmup_steps: int = 0
+    end_value: float = 0.0  # learning rate at the end of the decay
+    decay_rate: float = 0.0  # schedule=exponential: lr * exp(-decay_rate * t)
+    power: float = 1.0  # schedule=polynomial
+    decay_fraction: float = 0.2  # schedule=wsd: share of the run spent decaying
+    decay_shape: Literal["linear", "cosine", "sqrt"] = "linear"  # schedule=wsd
+    momentum: float = 0.9  # name=momentum
+    b1: float = 0.9
+    b2: float = 0.99
+    eps: float = 1e-8
+    clip_norm: float | None = 1.0  # clip by global norm
+    l1: float = 0.0  # strength of strength * sum |w|
+    l2: float = 0.0  # strength of strength * sum w**2
+    weight_decay: float = 0.0  # decoupled (AdamW-style) decay rate
+    decay_all: bool = False  # false: regularize only matrices and embeddings (decay_mask)
+    skip_nonfinite: bool = True  # a NaN/inf gradient leaves parameters and state untouched
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The loop: how long, how often to log, evaluate and save."""
+
+    steps: int = 1000
+    batch_size: int = 32  # global: split across all devices
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 8
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    max_consecutive_skips: int = 10  # stop after this many non-finite steps in a row
+    sample_prompt: str = "The "
+    sample_tokens: int = 200  # length of the text sampled at the end (0 = none)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything a run needs."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    parallelism: Literal["auto", "single", "pmap"] = "auto"
+
+
+# --------------------------------------------------------------------------- building from dicts
+
+
+def _suggest(key: str, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(key, allowed, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return f"{hint} Allowed: {', '.join(sorted(allowed))}."
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` as type ``tp`` or raise a ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(
+                f"{key}={value!r} is not allowed; choose one of {', '.join(map(str, allowed))}."
+            )
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be true or false.")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}={value!r} must be an integer.")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}={value!r} must be a number.")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}={value!r} must be a string.")
+    raise TypeError(f"unsupported config type {tp} for {key}")  # a bug in this file, not user input
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}.")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{prefix}{key}'." + _suggest(key, list(fields)))
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, prefix + name)
+    return cls(**kwargs)
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """The config as plain nested dicts (for YAML, JSON and checkpoints)."""
+    return dataclasses.asdict(config)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a Config from nested dicts."""
+    config = _build(Config, data)
+    validate(config)
+    return config
+
+
+def _all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += _all_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` strings to nested dicts; values are parsed as YAML scalars."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    valid = _all_keys()
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key.sub=value, e.g. train.steps=100.")
+        if key not in valid:
+            raise ConfigError(f"unknown config key '{key}'." + _suggest(key, valid))
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        *parents, leaf = key.split(".")
+        node = data
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key '{p}' must be a mapping.")
+        node[leaf] = value
+    return data
+
+
+def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Load a YAML config (the defaults when ``path`` is None), apply overrides and validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist.")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+    return from_dict(apply_overrides(data, list(overrides)))
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is out of range; allowed: {allowed}.")
+
+
+def validate(c: Config) -> None:
+    """Reject out-of-range values before anything is built; each message names key and range."""
+    m, d, o, t = c.model, c.data, c.optimizer, c.train
+    for key, value in [
+        ("model.vocab_size", m.vocab_size), ("model.num_layers", m.num_layers),
+        ("model.d_model", m.d_model), ("model.num_heads", m.num_heads), ("model.d_ff", m.d_ff),
+        ("model.max_seq_len", m.max_seq_len), ("data.seq_len", d.seq_len),
+        ("train.steps", t.steps), ("train.batch_size", t.batch_size),
+        ("train.log_every", t.log_every), ("train.eval_every", t.eval_every),
+        ("train.eval_batches", t.eval_batches), ("train.checkpoint_every", t.checkpoint_every),
+        ("train.keep_checkpoints", t.keep_checkpoints),
+        ("train.max_consecutive_skips", t.max_consecutive_skips),
+    ]:
+        _check(value >= 1, key, value, "an integer >= 1")
+    _check(m.vocab_size >= 257, "model.vocab_size", m.vocab_size,
+           ">= 257 (the byte tokenizer's 256 bytes and the end-of-document token)")
+    _check(m.d_model % m.num_heads == 0, "model.d_model", m.d_model,
+           f"a multiple of model.num_heads={m.num_heads}")
+    _check(m.position != "rope" or (m.d_model // m.num_heads) % 2 == 0, "model.position",
+           m.position, "'rope' only with an even head dimension (d_model / num_heads)")
+    _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "0 <= dropout < 1")
+    _check(d.seq_len <= m.max_seq_len, "data.seq_len", d.seq_len,
+           f"<= model.max_seq_len={m.max_seq_len} (the model's context)")
+    _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "0 < fraction < 1")
+    _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "an integer >= 0")
+    if d.source == "text":
+        _check(bool(d.path), "data.path", d.path, "a file, folder or glob when data.source=text")
+    if d.source == "tfds":
+        _check(bool(d.name), "data.name", d.name,
+               "a prepared TFDS dataset name (e.g. lm1b) when data.source=tfds")
+    for key, value in [("optimizer.learning_rate", o.learning_rate), ("optimizer.eps", o.eps)]:
+        _check(math.isfinite(value) and value > 0, key, value, "a finite number > 0")
+    for key, value in [("optimizer.end_value", o.end_value), ("optimizer.l1", o.l1),
+                       ("optimizer.l2", o.l2), ("optimizer.weight_decay", o.weight_decay),
+                       ("optimizer.decay_rate", o.decay_rate)]:
+        _check(math.isfinite(value) and value >= 0, key, value, "a finite number >= 0")
+    _check(o.end_value <= o.learning_rate, "optimizer.end_value", o.end_value,
+           f"<= optimizer.learning_rate={o.learning_rate}")
+    _check(o.power > 0, "optimizer.power", o.power, "a number > 0")
+    _check(0.0 < o.decay_fraction <= 1.0, "optimizer.decay_fraction", o.decay_fraction,
+           "0 < fraction <= 1")
+    for key, value in [("optimizer.momentum", o.momentum), ("optimizer.b1", o.b1),
+                       ("optimizer.b2", o.b2)]:
+        _check(0.0 <= value < 1.0, key, value, "0 <= value < 1")
+    _check(o.clip_norm is None or (math.isfinite(o.clip_norm) and o.clip_norm > 0),
+           "optimizer.clip_norm", o.clip_norm, "a number > 0, or null to switch clipping off")
+    _check(0 <= o.warmup_steps < t.steps, "optimizer.warmup_steps", o.warmup_steps,
+           f"0 <= warmup_steps < train.steps={t.steps}")
+    if o.schedule == "inverse_sqrt":
+        _check(o.warmup_steps >= 1, "optimizer.warmup_steps", o.warmup_steps,
+               ">= 1 with schedule=inverse_sqrt")
