@@ -1,0 +1,388 @@
+r"""Config -> one ``optax.chain``; the order of the tricks is documented here, in one place.
+
+The chain built by :func:`make_optimizer`, in order:
+
+1. ``clip_by_global_norm(clip_norm)``: always present; with ``clip_norm=None`` it is
+   ``clip_by_global_norm(inf)``, which never clips but records the pre-clip norm, so
+   ``optimizer_stats(...)["grad_norm"]`` is always there. Clipping acts on the raw gradient, as
+   PyTorch's ``clip_grad_norm_`` before ``optimizer.step()``.
+2. ``l1_regularization(l1)``: adds ``l1 * sign(w)`` (gradient of the penalty, before the scaling).
+3. ``l2_regularization(l2)``: adds ``2 * l2 * w`` (PyTorch's ``SGD(weight_decay=wd)`` is
+   ``l2 = wd / 2``).
+4. The optimizer's scaling: sgd: none; momentum: ``optax.trace(momentum)`` (PyTorch's SGD momentum);
+   adam / adamw: ``optax.scale_by_adam(b1, b2, eps)``.
+5. ``weight_decay(weight_decay)``: decoupled (AdamW-style) decay, multiplied by the learning rate.
+6. ``scale_by_learning_rate(learning_rate)``: multiplies by ``-lr`` and records the lr it used.
+
+The whole chain is wrapped in ``skip_nonfinite`` when asked. A trick set to 0 or None is left out
+of the chain (except the norm recorder of step 1).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxtricks import clipping, regularization, schedules
+from jaxtricks.schedules import (
+    _check_finite,
+    _check_positive,
+    _check_real,
+    _check_scalar_or_schedule,
+    _check_steps,
+    _value_at,
+)
+
+OPTIMIZER_NAMES = ("sgd", "momentum", "adam", "adamw")
+
+
+class LearningRateState(NamedTuple):
+    """Step count and the learning rate of the last update of :func:`scale_by_learning_rate`."""
+
+    count: jax.Array  # shape=(), int32: updates done; the schedule is evaluated at it
+    learning_rate: jax.Array  # shape=(), float32: lr of the last update (before any: lr at step 0)
+
+
+def scale_by_learning_rate(learning_rate: Any) -> optax.GradientTransformation:
+    r"""Multiply the update by ``-learning_rate`` and record the rate in the state.
+
+    .. math::
+        u \leftarrow -\eta_t \, u, \qquad t = \text{updates done so far}
+
+    Optax's step convention: the first update uses ``learning_rate(0)``. The rate used by the last
+    update is ``state.learning_rate`` (before the first update it holds ``learning_rate(0)``, the
+    rate the first update will use), so a trainer logs it without evaluating the schedule again.
+
+    Args:
+      learning_rate: a number > 0 or a schedule ``step -> value``.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose state is :class:`LearningRateState`.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxtricks
+      >>> tx = jaxtricks.scale_by_learning_rate(jaxtricks.linear_warmup(1.0, 4))
+      >>> state = tx.init(None)
+      >>> for _ in range(3):
+      ...     updates, state = tx.update(jnp.array([2.0]), state)
+      >>> updates.tolist(), float(state.learning_rate), int(state.count)
+      ([-1.0], 0.5, 3)
+    """
+    learning_rate = _check_scalar_or_schedule("learning_rate", learning_rate, positive=True)
+
+    def init_fn(params):
+        del params
+        count = jnp.zeros([], jnp.int32)
+        return LearningRateState(count=count, learning_rate=_value_at(learning_rate, count))
+
+    def update_fn(updates, state, params=None):
+        del params
+        lr = _value_at(learning_rate, state.count)
+        new_updates = jax.tree.map(lambda u: (-lr * u).astype(u.dtype), updates)
+        return new_updates, LearningRateState(
+            count=optax.safe_increment(state.count), learning_rate=lr
+        )
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _is_off(value: Any) -> bool:
+    """0 or None switches a trick off; a schedule is always on."""
+    return value is None or (not callable(value) and value == 0)
+
+
+def _check_unit_interval(name: str, value: Any) -> float:
+    x = _check_finite(name, value)
+    if not 0.0 <= x < 1.0:
+        raise ValueError(f"{name} must satisfy 0 <= {name} < 1, got {value!r}.")
+    return x
+
+
+def make_optimizer(
+    *,
+    name: str = "adamw",
+    learning_rate: Any = 1e-3,
+    momentum: float = 0.9,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    clip_norm: float | None = None,
+    l1: Any = 0.0,
+    l2: Any = 0.0,
+    weight_decay: Any = 0.0,
+    mask: Any = None,
+    skip_nonfinite: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    r"""One ``optax.chain`` with every trick, in the order documented in this module.
+
+    .. math::
+        u = -\eta_t \left( S\!\left(\mathrm{clip}(g) + \lambda_1 \mathrm{sign}(w)
+            + 2 \lambda_2 w\right) + \gamma w \right)
+
+    where :math:`S` is the optimizer's scaling (identity for sgd, momentum trace, Adam). The first
+    update uses ``learning_rate(0)`` (optax's convention). ``name="adamw"`` with
+    ``weight_decay=0`` is exactly Adam; ``weight_decay`` applies with every name (with sgd it is
+    the same as ``l2 = weight_decay / 2``).
+
+    Args:
+      name: one of ``sgd``, ``momentum``, ``adam``, ``adamw``.
+      learning_rate: a number > 0 or a schedule (e.g. from :func:`schedule_from_config`).
+      momentum: ``0 <= momentum < 1``, used by ``name="momentum"``.
+      b1: Adam's first-moment decay, ``0 <= b1 < 1``.
+      b2: Adam's second-moment decay, ``0 <= b2 < 1``.
+      eps: Adam's epsilon, > 0.
+      clip_norm: maximum global gradient norm, or None for no clipping (the norm is still
+        recorded).
+      l1: strength of ``l1 * sum |w|`` (number or schedule; 0 or None: off).
+      l2: strength of ``l2 * sum w**2`` (number or schedule; 0 or None: off).
+      weight_decay: decoupled decay rate (number or schedule; 0 or None: off).
+      mask: which parameters l1 / l2 / weight_decay act on: None (all), a pytree of bools or a
+        callable such as :func:`jaxtricks.decay_mask`.
+      skip_nonfinite: wrap the chain in :func:`jaxtricks.skip_nonfinite`.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; read its logs with :func:`optimizer_stats`.
+      Its ``update`` needs ``params`` when l1, l2 or weight_decay is on.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, jaxtricks
+      >>> tx = jaxtricks.make_optimizer(name="sgd", learning_rate=0.1, clip_norm=1.0)
+      >>> params = jnp.zeros(2)
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(jnp.array([3.0, 4.0]), state, params)
+      >>> [round(u, 6) for u in updates.tolist()]  # clipped to norm 1, times -0.1
+      [-0.06, -0.08]
+      >>> stats = jaxtricks.optimizer_stats(state)
+      >>> round(float(stats["learning_rate"]), 6), float(stats["grad_norm"]), stats["clipped"]
+      (0.1, 5.0, Array(1., dtype=float32))
+
+    References:
+      Kingma & Ba, Adam: A Method for Stochastic Optimization, 2014,
+      https://arxiv.org/abs/1412.6980
+
+      Loshchilov & Hutter, Decoupled Weight Decay Regularization, 2017,
+      https://arxiv.org/abs/1711.05101
+    """
+    if name not in OPTIMIZER_NAMES:
+        raise ValueError(f"name must be one of {', '.join(OPTIMIZER_NAMES)}, got {name!r}.")
+    learning_rate = _check_scalar_or_schedule("learning_rate", learning_rate, positive=True)
+    momentum = _check_unit_interval("momentum", momentum)
+    b1 = _check_unit_interval("b1", b1)
+    b2 = _check_unit_interval("b2", b2)
+    eps = _check_positive("eps", eps)
+    if clip_norm is not None:
+        clip_norm = _check_real("clip_norm", clip_norm)
+        if math.isnan(clip_norm) or clip_norm <= 0:
+            raise ValueError(f"clip_norm must be a number > 0 or None, got {clip_norm!r}.")
+    tricks = {"l1": l1, "l2": l2, "weight_decay": weight_decay}
+    for key, value in tricks.items():
+        if value is not None:
+            _check_scalar_or_schedule(key, value)
+
+    parts = [clipping.clip_by_global_norm(math.inf if clip_norm is None else clip_norm)]
+    if not _is_off(l1):
+        parts.append(regularization.l1_regularization(l1, mask=mask))
+    if not _is_off(l2):
+        parts.append(regularization.l2_regularization(l2, mask=mask))
+    if name == "momentum":
+        parts.append(optax.trace(decay=momentum))
+    elif name in ("adam", "adamw"):
+        parts.append(optax.scale_by_adam(b1=b1, b2=b2, eps=eps))
+    if not _is_off(weight_decay):
+        parts.append(regularization.weight_decay(weight_decay, mask=mask))
+    parts.append(scale_by_learning_rate(learning_rate))
+
+    chain = optax.chain(*parts)
+    return clipping.skip_nonfinite(chain) if skip_nonfinite else chain
+
+
+# --------------------------------------------------------------------------- logging
+
+
+def _find_states(tree: Any, state_type: type) -> list[Any]:
+    """Every ``state_type`` node in ``tree``, in flattening (i.e. chain) order."""
+    found = []
+
+    def is_leaf(node):
+        if isinstance(node, state_type):
+            found.append(node)
+        return False  # keep descending: states may nest (skip_nonfinite wraps the chain)
+
+    jax.tree_util.tree_flatten(tree, is_leaf=is_leaf)
+    return found
+
+
+def optimizer_stats(opt_state: Any) -> dict[str, jax.Array]:
+    """What a trainer logs, read from the optimizer state (no recomputation; works under jit).
+
+    The state tree is searched for jaxtricks' state types wherever they sit (inside
+    ``optax.chain``, ``optax.masked``, :func:`jaxtricks.skip_nonfinite`, a Flax ``TrainState``);
+    when a type occurs more than once the first one in chain order is used.
+
+    - ``learning_rate`` (float32): the rate of the last update (from :class:`LearningRateState`;
+      present when the chain has :func:`scale_by_learning_rate`, as :func:`make_optimizer`'s has);
+    - ``grad_norm`` (float32): the pre-clip global gradient norm of the last update, and
+      ``clipped`` (float32, 1.0 when that update was clipped, else 0.0) (from
+      :class:`ClipByGlobalNormState`; :func:`make_optimizer`'s chain always has one);
+    - ``skipped`` (int32): steps skipped for non-finite gradients since init,
+      ``consecutive_skipped`` (int32): skipped in a row up to the last step, and ``skipped_step``
+      (float32, 1.0 when the last step was skipped) (from :class:`SkipNonfiniteState`; always
+      present: all 0 when the chain has no :func:`jaxtricks.skip_nonfinite`, which never skips);
+    - ``l1_penalty`` / ``l2_penalty`` (float32): the penalties at the parameters of the last update
+      (present when those tricks are in the chain).
+
+    On a skipped step the inner states are kept, so ``learning_rate``, ``grad_norm``, ``clipped``
+    and the penalties describe the last *applied* update.
+
+    Args:
+      opt_state: an optimizer state, or any pytree holding one.
+
+    Returns:
+      A dict of jnp scalars.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxtricks
+      >>> tx = jaxtricks.make_optimizer(learning_rate=0.01, l2=0.5, skip_nonfinite=True)
+      >>> params = jnp.array([1.0, 2.0])
+      >>> _, state = tx.update(jnp.zeros(2), tx.init(params), params)
+      >>> stats = jaxtricks.optimizer_stats(state)
+      >>> float(stats["l2_penalty"]), round(float(stats["learning_rate"]), 6), int(stats["skipped"])
+      (2.5, 0.01, 0)
+    """
+    stats: dict[str, jax.Array] = {}
+
+    def first(state_type):
+        found = _find_states(opt_state, state_type)
+        return found[0] if found else None
+
+    if (lr := first(LearningRateState)) is not None:
+        stats["learning_rate"] = lr.learning_rate
+    if (clip := first(clipping.ClipByGlobalNormState)) is not None:
+        stats["grad_norm"] = clip.grad_norm
+        stats["clipped"] = clip.clipped.astype(jnp.float32)
+    if (skip := first(clipping.SkipNonfiniteState)) is not None:
+        stats["skipped"] = skip.total_skipped
+        stats["consecutive_skipped"] = skip.consecutive_skipped
+        stats["skipped_step"] = skip.last_skipped.astype(jnp.float32)
+    else:  # nothing skips steps: the counters are truly 0, and the keys stay the same per run
+        stats["skipped"] = jnp.zeros([], jnp.int32)
+        stats["consecutive_skipped"] = jnp.zeros([], jnp.int32)
+        stats["skipped_step"] = jnp.zeros([], jnp.float32)
+    if (l1 := first(regularization.L1RegularizationState)) is not None:
+        stats["l1_penalty"] = l1.penalty
+    if (l2 := first(regularization.L2RegularizationState)) is not None:
+        stats["l2_penalty"] = l2.penalty
+    return stats
+
+
+# --------------------------------------------------------------------------- from the config
+
+
+def schedule_from_config(cfg: Any, total_steps: int) -> schedules.Schedule:
+    """The learning-rate schedule of an ``OptimizerConfig`` for a run of ``total_steps`` updates.
+
+    ``cfg.warmup_steps`` of linear warmup from 0 to ``cfg.learning_rate``, then the chosen decay
+    over the remaining ``R = total_steps - warmup_steps`` steps:
+
+    - ``constant``: the peak;
+    - ``cosine``: :func:`cosine_decay` to ``end_value`` over ``R``;
+    - ``linear``: :func:`polynomial_decay` with power 1 to ``end_value`` over ``R``;
+    - ``polynomial``: :func:`polynomial_decay` with ``power`` to ``end_value`` over ``R``;
+    - ``exponential``: :func:`exponential_decay` with ``decay_rate``, floored at ``end_value``;
+    - ``wsd``: :func:`warmup_stable_decay` whose decay lasts ``decay_fraction`` of the whole run
+      (``round(decay_fraction * total_steps)``, at least 1, at most ``R``) with ``decay_shape``;
+    - ``inverse_sqrt``: :func:`inverse_sqrt` with the warmup as its ``W`` (needs
+      ``warmup_steps >= 1``).
+
+    Optax's convention: update ``i`` (from 0) uses ``schedule(i)``; the decays reach
+    ``end_value`` at step ``total_steps``, one past the last update.
+
+    Args:
+      cfg: a :class:`jaxtricks.config.OptimizerConfig`.
+      total_steps: the number of updates in the run (``train.steps``), > ``cfg.warmup_steps``.
+
+    Returns:
+      ``schedule(step) -> float32 array``.
+
+    Example:
+      >>> from jaxtricks.config import OptimizerConfig
+      >>> import jaxtricks
+      >>> cfg = OptimizerConfig(learning_rate=1.0, schedule="linear", warmup_steps=2)
+      >>> schedule = jaxtricks.schedule_from_config(cfg, total_steps=6)
+      >>> [float(schedule(t)) for t in range(7)]
+      [0.0, 0.5, 1.0, 0.75, 0.5, 0.25, 0.0]
+    """
+    total_steps = _check_steps("total_steps", total_steps, 1)
+    warmup = _check_steps("warmup_steps", cfg.warmup_steps, 0)
+    if warmup >= total_steps:
+        raise ValueError(
+            f"warmup_steps must be < total_steps={total_steps}, got {cfg.warmup_steps!r}."
+        )
+    remaining = total_steps - warmup
+    peak, end = cfg.learning_rate, cfg.end_value
+    kind = cfg.schedule
+    if kind == "wsd":
+        decay = min(remaining, max(1, round(cfg.decay_fraction * total_steps)))
+        return schedules.warmup_stable_decay(
+            peak, warmup, remaining - decay, decay, end_value=end, decay_shape=cfg.decay_shape
+        )
+    if kind == "inverse_sqrt":
+        return schedules.inverse_sqrt(peak, warmup)
+    if kind == "constant":
+        after = schedules.constant(peak)
+    elif kind == "cosine":
+        after = schedules.cosine_decay(peak, remaining, end_value=end)
+    elif kind == "linear":
+        after = schedules.polynomial_decay(peak, remaining, power=1.0, end_value=end)
+    elif kind == "polynomial":
+        after = schedules.polynomial_decay(peak, remaining, power=cfg.power, end_value=end)
+    elif kind == "exponential":
+        after = schedules.exponential_decay(peak, cfg.decay_rate, end_value=end)
+    else:
+        raise ValueError(
+            "schedule must be one of constant, cosine, linear, exponential, polynomial, wsd, "
+            f"inverse_sqrt, got {kind!r}."
+        )
+    return schedules.warmup_then(warmup, after)
+
+
+def optimizer_from_config(cfg: Any, total_steps: int) -> optax.GradientTransformationExtraArgs:
+    """:func:`make_optimizer` for an ``OptimizerConfig`` and a run of ``total_steps`` updates.
+
+    The learning rate is :func:`schedule_from_config`; ``decay_all=False`` restricts l1, l2 and
+    weight_decay to :func:`jaxtricks.decay_mask` (matrices and embeddings).
+
+    Args:
+      cfg: a :class:`jaxtricks.config.OptimizerConfig`.
+      total_steps: the number of updates in the run (``train.steps``).
+
+    Returns:
+      The chain of :func:`make_optimizer`.
+
+    Example:
+      >>> from jaxtricks.config import OptimizerConfig
+      >>> import jax.numpy as jnp, jaxtricks
+      >>> tx = jaxtricks.optimizer_from_config(OptimizerConfig(), total_steps=100)
+      >>> params = {"w": jnp.ones((2, 2))}
+      >>> _, state = tx.update({"w": jnp.ones((2, 2))}, tx.init(params), params)
+      >>> sorted(jaxtricks.optimizer_stats(state))
+      ['clipped', 'consecutive_skipped', 'grad_norm', 'learning_rate', 'skipped', 'skipped_step']
+    """
+    return make_optimizer(
+        name=cfg.name,
+        learning_rate=schedule_from_config(cfg, total_steps),
+        momentum=cfg.momentum,
+        b1=cfg.b1,
+        b2=cfg.b2,
+        eps=cfg.eps,
+        clip_norm=cfg.clip_norm,
+        l1=cfg.l1,
+        l2=cfg.l2,
+        weight_decay=cfg.weight_decay,
+        mask=None if cfg.decay_all else regularization.decay_mask,
+        skip_nonfinite=cfg.skip_nonfinite,
+    )

@@ -1,0 +1,273 @@
+r"""L1 / L2 regularization and decoupled weight decay as optax gradient transformations.
+
+``l1_regularization`` and ``l2_regularization`` add the gradient of a penalty to the update, so they
+belong *before* the optimizer's scaling (like adding the penalty to the loss). ``weight_decay`` is
+decoupled (AdamW-style) decay and belongs *after* the scaling, just before the learning rate.
+
+Each transform records, in its state, what a trainer logs: the step count and, for L1/L2, the value
+of the penalty at the parameters of the last update, so nothing has to walk the tree a second time.
+
+``mask`` follows optax's convention: ``None`` (every parameter), a pytree of bools with the
+structure of the params (or a prefix of it), or a callable ``params -> such a pytree``. The bools
+must be static (Python or NumPy bools), as for ``optax.masked``. :func:`decay_mask` is the usual
+choice: matrices and embeddings only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxtricks.schedules import _check_scalar_or_schedule, _value_at
+
+Mask = Any  # None | pytree of bools | Callable[[params], pytree of bools]
+
+
+class L1RegularizationState(NamedTuple):
+    """Step count and last penalty of :func:`l1_regularization`."""
+
+    count: jax.Array  # shape=(), int32: updates done; a strength schedule is evaluated at it
+    penalty: jax.Array  # shape=(), float32: strength * sum |w| at the params of the last update
+
+
+class L2RegularizationState(NamedTuple):
+    """Step count and last penalty of :func:`l2_regularization`."""
+
+    count: jax.Array  # shape=(), int32: updates done; a strength schedule is evaluated at it
+    penalty: jax.Array  # shape=(), float32: strength * sum w**2 at the params of the last update
+
+
+class WeightDecayState(NamedTuple):
+    """Step count and last rate of :func:`weight_decay`."""
+
+    count: jax.Array  # shape=(), int32: updates done; a rate schedule is evaluated at it
+    rate: jax.Array  # shape=(), float32: the decay rate used by the last update
+
+
+def decay_mask(params: Any) -> Any:
+    """The usual regularization mask: True for leaves with ``ndim >= 2``, False otherwise.
+
+    Matrices, convolution kernels and embeddings are regularized; biases, norm scales and other
+    vectors and scalars are not.
+
+    Args:
+      params: a pytree of arrays (or of anything with a shape).
+
+    Returns:
+      A pytree of Python bools with the structure of ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxtricks
+      >>> jaxtricks.decay_mask({"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)})
+      {'bias': False, 'kernel': True}
+
+    References:
+      Loshchilov & Hutter, Decoupled Weight Decay Regularization, 2017,
+      https://arxiv.org/abs/1711.05101
+    """
+    return jax.tree.map(lambda p: bool(np.ndim(p) >= 2), params)
+
+
+def _full_mask(mask: Mask, params: Any) -> Any:
+    """The mask as a pytree of bools with exactly the structure of ``params``."""
+    if mask is None:
+        return jax.tree.map(lambda _: True, params)
+    mask_tree = mask(params) if callable(mask) else mask
+    # A mask may be a prefix of params: one bool then covers a whole subtree.
+    return jax.tree.map(lambda m, sub: jax.tree.map(lambda _: bool(m), sub), mask_tree, params)
+
+
+def _missing_params(name: str) -> ValueError:
+    return ValueError(
+        f"{name} needs the current parameters: call update(updates, state, params) with params "
+        "(got params=None)."
+    )
+
+
+def _penalty_transform(
+    name: str,
+    strength: Any,
+    mask: Mask,
+    gradient: Callable[[jax.Array, jax.Array], jax.Array],
+    penalty: Callable[[jax.Array], jax.Array],
+    state_type: type,
+) -> optax.GradientTransformation:
+    """update += gradient(strength, w) on masked leaves; penalty = strength * sum penalty(w)."""
+
+    def init_fn(params):
+        del params
+        return state_type(count=jnp.zeros([], jnp.int32), penalty=jnp.zeros([], jnp.float32))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise _missing_params(name)
+        s = _value_at(strength, state.count)
+        mask_tree = _full_mask(mask, params)
+
+        def add(g, p, m):
+            return (g + gradient(s, p).astype(g.dtype)) if m else g
+
+        new_updates = jax.tree.map(add, updates, params, mask_tree)
+        total = sum(
+            (
+                jnp.sum(penalty(p.astype(jnp.promote_types(p.dtype, jnp.float32))))
+                for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask_tree), strict=True)
+                if m
+            ),
+            start=jnp.zeros([], jnp.float32),
+        )
+        new_state = state_type(
+            count=optax.safe_increment(state.count), penalty=(s * total).astype(jnp.float32)
+        )
+        return new_updates, new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def l1_regularization(strength: Any, *, mask: Mask = None) -> optax.GradientTransformation:
+    r"""Add the gradient of the L1 penalty ``strength * sum |w|`` to the update.
+
+    .. math::
+        u \leftarrow u + \lambda \, \mathrm{sign}(w), \qquad
+        \text{penalty} = \lambda \sum_i |w_i|
+
+    Put it before the optimizer's scaling (it acts like adding the penalty to the loss). The
+    penalty at the parameters passed to the last ``update`` is in ``state.penalty``. With a schedule
+    as ``strength``, the first update uses ``strength(0)``.
+
+    Args:
+      strength: :math:`\lambda \ge 0`, a number or a schedule of the step.
+      mask: None (every parameter), a pytree of bools or a callable ``params -> pytree of bools``;
+        e.g. :func:`decay_mask`.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose state is :class:`L1RegularizationState`; its
+      ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxtricks
+      >>> params = {"w": jnp.array([2.0, -3.0])}
+      >>> tx = jaxtricks.l1_regularization(0.5)
+      >>> updates, state = tx.update({"w": jnp.zeros(2)}, tx.init(params), params)
+      >>> updates["w"].tolist(), float(state.penalty)
+      ([0.5, -0.5], 2.5)
+
+    References:
+      The source document (training-tricks.zh.md), section 3.2.1.
+
+      Tibshirani, Regression Shrinkage and Selection via the Lasso, 1996 (J. R. Stat. Soc. B).
+    """
+    strength = _check_scalar_or_schedule("strength", strength)
+    return _penalty_transform(
+        "l1_regularization",
+        strength,
+        mask,
+        gradient=lambda s, w: s * jnp.sign(w),
+        penalty=jnp.abs,
+        state_type=L1RegularizationState,
+    )
+
+
+def l2_regularization(strength: Any, *, mask: Mask = None) -> optax.GradientTransformation:
+    r"""Add the gradient of the L2 penalty ``strength * sum w**2`` to the update.
+
+    .. math::
+        u \leftarrow u + 2 \lambda w, \qquad \text{penalty} = \lambda \sum_i w_i^2
+
+    This is the source document's formula (no 1/2 in the penalty), so PyTorch's
+    ``SGD(params, lr, weight_decay=wd)``, which adds ``wd * w`` to the gradient, equals
+    ``l2_regularization(wd / 2)`` placed after clipping and before the learning rate. Put it before
+    the optimizer's scaling. The penalty at the parameters passed to the last ``update`` is in
+    ``state.penalty``. With a schedule as ``strength``, the first update uses ``strength(0)``.
+
+    Args:
+      strength: :math:`\lambda \ge 0`, a number or a schedule of the step.
+      mask: None (every parameter), a pytree of bools or a callable ``params -> pytree of bools``;
+        e.g. :func:`decay_mask`.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose state is :class:`L2RegularizationState`; its
+      ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxtricks
+      >>> params = {"w": jnp.array([2.0, -3.0])}
+      >>> tx = jaxtricks.l2_regularization(0.5)
+      >>> updates, state = tx.update({"w": jnp.zeros(2)}, tx.init(params), params)
+      >>> updates["w"].tolist(), float(state.penalty)
+      ([2.0, -3.0], 6.5)
+
+    References:
+      The source document (training-tricks.zh.md), sections 3.2.2 and 4.2.
+
+      Krogh & Hertz, A Simple Weight Decay Can Improve Generalization, 1991 (NeurIPS).
+    """
+    strength = _check_scalar_or_schedule("strength", strength)
+    return _penalty_transform(
+        "l2_regularization",
+        strength,
+        mask,
+        gradient=lambda s, w: 2.0 * s * w,
+        penalty=jnp.square,
+        state_type=L2RegularizationState,
+    )
+
+
+def weight_decay(rate: Any, *, mask: Mask = None) -> optax.GradientTransformation:
+    r"""Decoupled (AdamW-style) weight decay: add ``rate * w`` to the already-scaled update.
+
+    .. math::
+        u \leftarrow u + \gamma w \quad\Longrightarrow\quad
+        w \leftarrow w - \eta \, (\hat u + \gamma w)
+
+    Put it *after* the optimizer's scaling (e.g. ``optax.scale_by_adam``) and before the learning
+    rate, which then multiplies it, as ``optax.add_decayed_weights`` does (same numbers). With a
+    schedule as ``rate``, the first update uses ``rate(0)``.
+
+    Args:
+      rate: :math:`\gamma \ge 0`, a number or a schedule of the step.
+      mask: None (every parameter), a pytree of bools or a callable ``params -> pytree of bools``;
+        e.g. :func:`decay_mask`.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose state is :class:`WeightDecayState`; its ``update``
+      needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, jaxtricks
+      >>> params = {"w": jnp.array([[2.0, -4.0]]), "b": jnp.array([1.0])}
+      >>> decay = jaxtricks.weight_decay(0.5, mask=jaxtricks.decay_mask)  # not the bias
+      >>> tx = optax.chain(optax.scale_by_adam(), decay)
+      >>> grads = {"w": jnp.zeros((1, 2)), "b": jnp.zeros(1)}  # Adam's update is 0 here
+      >>> updates, _ = tx.update(grads, tx.init(params), params)
+      >>> updates["w"].tolist(), updates["b"].tolist()
+      ([[1.0, -2.0]], [0.0])
+
+    References:
+      Loshchilov & Hutter, Decoupled Weight Decay Regularization, 2017,
+      https://arxiv.org/abs/1711.05101
+    """
+    rate = _check_scalar_or_schedule("rate", rate)
+
+    def init_fn(params):
+        del params
+        return WeightDecayState(count=jnp.zeros([], jnp.int32), rate=jnp.zeros([], jnp.float32))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise _missing_params("weight_decay")
+        r = _value_at(rate, state.count)
+        mask_tree = _full_mask(mask, params)
+
+        def add(g, p, m):
+            return (g + (r * p).astype(g.dtype)) if m else g
+
+        new_updates = jax.tree.map(add, updates, params, mask_tree)
+        return new_updates, WeightDecayState(count=optax.safe_increment(state.count), rate=r)
+
+    return optax.GradientTransformation(init_fn, update_fn)
