@@ -1,0 +1,155 @@
+"""The training and evaluation steps: one pure per-device function each, thin jit/pmap wrappers.
+
+``train_step(state, batch, rng)`` is written for one device. The gradient mean across devices is a
+``jax.lax.pmean`` over :data:`AXIS`; when the step runs under ``jax.jit`` on one device there is no
+axis, so the wrapper binds ``axis_name=None`` and the mean is the identity. Nothing else differs
+between the single-device and the pmapped step.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxtricks.optimizer import optimizer_stats
+
+AXIS = "batch"  # the name of the device axis of the pmapped step
+
+
+class TrainState(NamedTuple):
+    """Everything that changes during training (a pytree: it is donated, replicated and saved)."""
+
+    step: jax.Array  # () int32: number of updates done
+    params: Any  # nnx.State of the model's parameters, float32
+    opt_state: optax.OptState
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy in nats, computed in float32."""
+    # logits: (batch, seq, vocab); targets: (batch, seq)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    return losses.mean()
+
+
+def _mean_over_devices(x, axis_name):
+    return x if axis_name is None else jax.lax.pmean(x, axis_name)
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+    *,
+    graphdef: nnx.GraphDef,
+    rest: Any,
+    optimizer: optax.GradientTransformation,
+    axis_name: str | None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One update on this device's share of the batch; gradients are averaged over ``axis_name``."""
+    # A fresh dropout key per step (and per device, so devices drop different units).
+    dropout_rng = jax.random.fold_in(rng, state.step)
+    if axis_name is not None:
+        dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
+
+    def loss_fn(params):
+        model = nnx.merge(graphdef, params, rest)
+        logits = model(batch["inputs"], dropout_rng=dropout_rng)  # (batch, seq, vocab)
+        return cross_entropy(logits, batch["targets"])
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    loss, grads = _mean_over_devices((loss, grads), axis_name)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, **optimizer_stats(opt_state)}
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+
+def eval_step(
+    params: Any,
+    batch: dict[str, jax.Array],
+    *,
+    graphdef: nnx.GraphDef,
+    rest: Any,
+    axis_name: str | None,
+) -> jax.Array:
+    """Mean validation cross-entropy (nats per token) of this batch, averaged over devices."""
+    model = nnx.merge(graphdef, params, rest)
+    loss = cross_entropy(model(batch["inputs"]), batch["targets"])
+    return _mean_over_devices(loss, axis_name)
+
+
+class Steps(NamedTuple):
+    """The compiled train and eval steps and how to move data and state onto the devices."""
+
+    train: Any  # (state, batch, rng) -> (state, metrics)
+    eval: Any  # (params, batch) -> loss
+    put_state: Any  # host TrainState -> device (replicated for pmap)
+    get_state: Any  # device TrainState -> one unreplicated copy
+    put_batch: Any  # host batch (global, per process) -> device
+    num_devices: int
+
+
+def make_steps(
+    graphdef: nnx.GraphDef,
+    rest: Any,
+    optimizer: optax.GradientTransformation,
+    parallelism: str = "auto",
+) -> Steps:
+    """Wrap the per-device steps in ``jax.jit`` (one device) or ``jax.pmap`` (all local devices).
+
+    ``parallelism``: "single", "pmap", or "auto" (pmap when there is more than one local device).
+    The state's buffers are donated: the caller must use the returned state, not the old one.
+    """
+    devices = jax.local_devices()
+    use_pmap = parallelism == "pmap" or (parallelism == "auto" and len(devices) > 1)
+    axis = AXIS if use_pmap else None
+    train = functools.partial(
+        train_step, graphdef=graphdef, rest=rest, optimizer=optimizer, axis_name=axis
+    )
+    evaluate = functools.partial(eval_step, graphdef=graphdef, rest=rest, axis_name=axis)
+    if not use_pmap:
+        return Steps(
+            train=jax.jit(train, donate_argnums=0),
+            eval=jax.jit(evaluate),
+            put_state=jax.device_put,
+            get_state=lambda s: s,
+            put_batch=jax.device_put,
+            num_devices=1,
+        )
+    n = len(devices)
+    # pmap takes arrays whose leading axis is split over the devices: say so with a sharding.
+    over_devices = jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.array(devices), (AXIS,)), jax.sharding.PartitionSpec(AXIS)
+    )
+
+    def put_state(state):
+        return jax.device_put(jax.tree.map(lambda x: jnp.stack([x] * n), state), over_devices)
+
+    def put_batch(batch):
+        # (global_batch, seq) -> (devices, global_batch / devices, seq)
+        return jax.device_put(
+            {k: v.reshape(n, -1, *v.shape[1:]) for k, v in batch.items()}, over_devices
+        )
+
+    return Steps(
+        train=jax.pmap(train, axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=0),
+        eval=jax.pmap(evaluate, axis_name=AXIS),
+        put_state=put_state,
+        get_state=lambda s: jax.tree.map(lambda x: x[0], s),
+        put_batch=put_batch,
+        num_devices=n,
+    )
+
+
+def unreplicate_metrics(metrics: dict[str, Any], steps: Steps) -> dict[str, float]:
+    """Host floats from a metrics dict (the first device's copy under pmap: they are all equal)."""
+    metrics = jax.device_get(metrics)
+    if steps.num_devices > 1:
+        metrics = {k: v[0] for k, v in metrics.items()}
+    return {k: float(np.asarray(v)) for k, v in metrics.items()}

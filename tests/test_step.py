@@ -1,0 +1,115 @@
+"""The train step: jit and pmap wrappers of one per-device function agree, and it learns."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxtricks import config as config_lib
+from jaxtricks.model import Transformer
+from jaxtricks.optimizer import optimizer_from_config
+from jaxtricks.step import TrainState, cross_entropy, make_steps
+
+TINY = ["model.num_layers=2", "model.d_model=32", "model.num_heads=2", "model.d_ff=64",
+        "model.max_seq_len=16", "data.seq_len=16", "train.batch_size=8", "train.steps=50"]
+
+
+def _setup(overrides=(), parallelism="single"):
+    config = config_lib.load(None, TINY + list(overrides))
+    model = Transformer(config.model, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    optimizer = optimizer_from_config(config.optimizer, config.train.steps)
+    state = TrainState(jnp.int32(0), params, optimizer.init(params))
+    return config, make_steps(graphdef, rest, optimizer, parallelism), state
+
+
+def _batch(seed=0, batch=8, seq=16):
+    tokens = np.random.default_rng(seed).integers(0, 257, (batch, seq + 1), dtype=np.int32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+
+
+def test_cross_entropy_matches_numpy():
+    logits = np.random.default_rng(0).normal(size=(2, 3, 5)).astype(np.float32)
+    targets = np.array([[0, 4, 2], [1, 1, 3]], np.int32)
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    expected = -np.take_along_axis(log_probs, targets[..., None], -1).mean()
+    np.testing.assert_allclose(cross_entropy(jnp.asarray(logits), targets), expected, rtol=1e-6)
+
+
+def test_metrics_and_no_recompilation():
+    config, steps, state = _setup()
+    state = steps.put_state(state)
+    rng = jax.random.key(0)
+    with jax.log_compiles():
+        state, metrics = steps.train(state, steps.put_batch(_batch(0)), rng)
+    for key in ("loss", "learning_rate", "grad_norm", "clipped", "skipped", "skipped_step"):
+        assert key in metrics, key
+    assert int(state.step) == 1
+    compiled = steps.train._cache_size()
+    for i in range(1, 4):
+        state, metrics = steps.train(state, steps.put_batch(_batch(i)), rng)
+    assert steps.train._cache_size() == compiled == 1
+    assert np.isfinite(float(metrics["loss"]))
+
+
+def test_overfits_one_batch():
+    # A model that can learn drives the loss on one repeated batch close to zero.
+    _, steps, state = _setup(["optimizer.learning_rate=1e-2", "optimizer.schedule=constant"])
+    state = steps.put_state(state)
+    batch = steps.put_batch(_batch(0, batch=4, seq=16))
+    rng = jax.random.key(0)
+    for _ in range(150):
+        state, metrics = steps.train(state, batch, rng)
+    assert float(metrics["loss"]) < 0.1, float(metrics["loss"])
+
+
+def test_eval_step_is_the_loss_without_dropout():
+    _, steps, state = _setup(["model.dropout=0.5"])
+    batch = _batch(1)
+    a = float(steps.eval(state.params, steps.put_batch(batch)))
+    b = float(steps.eval(state.params, steps.put_batch(batch)))
+    assert a == b and a > 0
+
+
+PMAP_SCRIPT = textwrap.dedent(
+    """
+    import jax, numpy as np
+    assert jax.local_device_count() == 8, jax.devices()
+    from tests.test_step import _setup, _batch
+    results = {}
+    for parallelism in ("single", "pmap"):
+        _, steps, state = _setup(["train.batch_size=16"], parallelism)
+        assert steps.num_devices == (8 if parallelism == "pmap" else 1)
+        state = steps.put_state(state)
+        losses = []
+        for i in range(3):
+            batch = steps.put_batch(_batch(i, batch=16))
+            state, metrics = steps.train(state, batch, jax.random.key(0))
+            losses.append(float(np.asarray(metrics["loss"]).reshape(-1)[0]))
+        params = jax.tree.leaves(steps.get_state(state).params)
+        results[parallelism] = (losses, [np.asarray(p) for p in params])
+    (l1, p1), (l8, p8) = results["single"], results["pmap"]
+    np.testing.assert_allclose(l1, l8, rtol=1e-5, atol=1e-5)
+    for a, b in zip(p1, p8):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    print("losses", l1, l8)
+    """
+)
+
+
+@pytest.mark.slow
+def test_pmap_on_8_cpu_devices_equals_single_device():
+    # XLA_FLAGS must be set before JAX starts, so this runs in its own process.
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", PMAP_SCRIPT], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "losses" in out.stdout

@@ -1,0 +1,46 @@
+"""Train a transformer language model with jaxtricks.
+
+    python train.py [--config configs/default.yaml] [--workdir DIR] [key.sub=value ...]
+
+Without --config the defaults of jaxtricks/config.py are used (the same as configs/default.yaml):
+a tiny model on Python's own documentation, which trains on a laptop CPU in a few minutes.
+Starting again on a workdir that holds a checkpoint resumes from it.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1].strip(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="a YAML file from configs/")
+    parser.add_argument("--workdir", default=None,
+                        help="where checkpoints and metrics go (default: runs/<config name>)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="config overrides, e.g. train.steps=100 optimizer.learning_rate=1e-3")
+    args = parser.parse_args(argv)
+
+    # Imported after parsing so that --help is instant.
+    from jaxtricks import config as config_lib
+    from jaxtricks import training
+    from jaxtricks.checkpoint import CheckpointError
+    from jaxtricks.data import DataError
+
+    name = Path(args.config).stem if args.config else "default"
+    workdir = args.workdir or str(Path("runs") / name)
+    try:
+        config = config_lib.load(args.config, args.overrides)
+        training.run(config, workdir)
+    except (config_lib.ConfigError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except training.TrainingStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
