@@ -206,7 +206,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override {item!r} must look like key.sub=value, e.g. train.steps=100.")
+            raise ConfigError(
+                f"override {item!r} must look like key.sub=value, e.g. train.steps=100."
+            )
         if key not in valid:
             raise ConfigError(f"unknown config key '{key}'." + _suggest(key, valid))
         value = yaml.safe_load(raw) if raw.strip() else ""
