@@ -1,0 +1,176 @@
+"""Sampling: the cache changes only the speed, filters exclude what they should, no recompiles."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxtricks import sampling
+from jaxtricks.config import ModelConfig
+from jaxtricks.model import Transformer
+from jaxtricks.sampling import filter_logits, generate
+
+TINY = ModelConfig(num_layers=2, d_model=32, num_heads=4, d_ff=64, max_seq_len=16)
+
+
+@functools.cache
+def _model(position: str = "learned") -> Transformer:
+    return Transformer(ModelConfig(**{**TINY.__dict__, "position": position}), rngs=nnx.Rngs(0))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(graphdef, params, tokens):
+    return nnx.merge(graphdef, params)(tokens)
+
+
+def logits_of(model, tokens) -> np.ndarray:
+    """Full forward pass, independent of the sampling code: (batch, seq, vocab) float32."""
+    return np.asarray(_apply(*nnx.split(model), jnp.asarray(tokens, jnp.int32)))
+
+
+def _prompts(batch, length, seed=0):
+    return np.random.default_rng(seed).integers(0, TINY.vocab_size, (batch, length))
+
+
+# --------------------------------------------------------------------------- filter_logits
+
+
+def _numpy_filter(logits, top_k=None, top_p=None):
+    logits = np.array(logits, np.float64)
+    for row in logits.reshape(-1, logits.shape[-1]):
+        if top_k is not None:
+            kth = np.sort(row)[::-1][min(top_k, row.size) - 1]
+            row[row < kth] = -np.inf
+        if top_p is not None:
+            order = np.argsort(-row, kind="stable")
+            probs = np.exp(row[order] - row[order[0]])
+            probs /= probs.sum()
+            mass_before = np.concatenate([[0.0], np.cumsum(probs)[:-1]])
+            row[order[mass_before >= top_p]] = -np.inf
+    return logits
+
+
+_filter = jax.jit(filter_logits, static_argnames="top_k")
+
+
+@pytest.mark.parametrize(
+    "top_k, top_p",
+    [(1, None), (5, None), (50, None), (300, None), (None, 0.1), (None, 0.5), (None, 0.9),
+     (None, 1.0), (5, 0.5)],
+)
+def test_filter_logits_matches_numpy(top_k, top_p):
+    logits = np.random.default_rng(1).normal(0.0, 2.0, (4, 50)).astype(np.float32)
+    got = np.asarray(_filter(jnp.asarray(logits), top_k=top_k, top_p=top_p))
+    want = _numpy_filter(logits, top_k, top_p)
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+    np.testing.assert_array_equal(got[~np.isinf(got)], logits[~np.isinf(want)])  # kept: untouched
+    kept = (~np.isinf(got)).sum(-1)
+    if top_k is not None:
+        assert np.all(kept <= top_k)
+    assert np.all(kept >= 1)  # the most likely token is always kept
+
+
+def test_filter_logits_edge_cases():
+    tied = jnp.array([1.0, 2.0, 2.0, 0.0])
+    assert np.isinf(np.asarray(filter_logits(tied, top_k=2))).tolist() == [True, False, False, True]
+    probs = jnp.log(jnp.array([0.5, 0.3, 0.15, 0.05]))
+    # 0.5 < 0.8, then 0.5 + 0.3 reaches 0.8: exactly the two most likely tokens remain.
+    excluded = lambda top_p: np.isinf(np.asarray(filter_logits(probs, top_p=top_p))).tolist()  # noqa: E731
+    assert excluded(0.8) == [False, False, True, True]
+    assert excluded(0.01) == [False, True, True, True]
+    with pytest.raises(ValueError, match="top_k"):
+        filter_logits(probs, top_k=0)
+    with pytest.raises(ValueError, match="top_p"):
+        filter_logits(probs, top_p=1.5)
+
+
+# --------------------------------------------------------------------------- generate
+
+
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_greedy_with_cache_equals_without_and_follows_the_argmax(position):
+    model = _model(position)
+    prompt = _prompts(2, 3)
+    # 23 tokens > max_seq_len=16: prefill, cached steps, then the sliding window.
+    cached = generate(model, prompt, max_new_tokens=20, rng=jax.random.key(0), temperature=0.0)
+    reference = generate(model, prompt, max_new_tokens=20, rng=jax.random.key(0), temperature=0.0,
+                         use_cache=False)
+    assert cached.shape == (2, 23) and cached.dtype == np.int32
+    np.testing.assert_array_equal(cached[:, :3], prompt)
+    np.testing.assert_array_equal(cached, reference)
+    # Independently: every new token is the argmax after the (at most 16) tokens before it.
+    within = logits_of(model, cached[:, :16])
+    np.testing.assert_array_equal(cached[:, 3:16], within[:, 2:15].argmax(-1))
+    for t in (16, 19, 22):
+        window = logits_of(model, cached[:, t - 16 : t])
+        np.testing.assert_array_equal(cached[:, t], window[:, -1].argmax(-1))
+
+
+@pytest.mark.parametrize("top_k, top_p, temperature", [(3, None, 2.0), (None, 0.5, 1.0)])
+def test_top_k_and_top_p_never_pick_an_excluded_token(top_k, top_p, temperature):
+    model, prompt = _model(), _prompts(32, 4, seed=5)
+    sample = functools.partial(generate, model, prompt, max_new_tokens=8, temperature=temperature,
+                               top_k=top_k, top_p=top_p)
+    out = sample(rng=jax.random.key(1))
+    logits = logits_of(model, out)[:, 3:-1] / temperature  # predicting positions 4..11
+    allowed = ~np.isinf(_numpy_filter(logits, top_k, top_p))
+    new = out[:, 4:]
+    picked_allowed = np.take_along_axis(allowed, new[..., None], -1)[..., 0]
+    assert picked_allowed.all()  # 256 draws, none outside the filter
+    # ...and the draws are random within it: not all of them are the argmax.
+    assert (new != logits.argmax(-1)).mean() > 0.1
+
+
+def test_sampling_is_reproducible_and_seeded():
+    model, prompt = _model(), _prompts(32, 4, seed=5)  # the shapes of the test above: no compiles
+    sample = functools.partial(generate, model, prompt, max_new_tokens=8, temperature=2.0, top_k=3)
+    a = sample(rng=jax.random.key(7))
+    np.testing.assert_array_equal(a, sample(rng=jax.random.key(7)))
+    assert not np.array_equal(a, sample(rng=jax.random.key(8)))
+    # The key of position t is fold_in(rng, t) on both paths, so the cache does not change the text.
+    np.testing.assert_array_equal(a, sample(rng=jax.random.key(7), use_cache=False))
+
+
+def test_no_recompile_per_token_and_1d_prompt():
+    model = _model()
+    prompt = np.array([72, 101, 108])  # 1-D: one sequence; shapes unique to this test
+    before = sampling.TRACE_COUNTS.copy()
+    out = generate(model, prompt, max_new_tokens=12, rng=jax.random.key(0), temperature=0.8,
+                   top_k=20)
+    assert out.shape == (15,) and out[:3].tolist() == [72, 101, 108]
+    traced = sampling.TRACE_COUNTS - before
+    assert traced == {"prefill": 1, "decode_step": 1}  # 12 tokens, one compile of the step
+    # A new seed, temperature and top_p value reuse everything (they are traced, not static).
+    before = sampling.TRACE_COUNTS.copy()
+    generate(model, prompt, max_new_tokens=12, rng=jax.random.key(1), temperature=1.3, top_k=20)
+    assert sampling.TRACE_COUNTS - before == {}
+
+
+def test_zero_new_tokens_returns_the_prompt():
+    prompt = _prompts(2, 5)
+    out = generate(_model(), prompt, max_new_tokens=0, rng=jax.random.key(0))
+    np.testing.assert_array_equal(out, prompt)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(temperature=-0.5), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(top_k=0), "top_k"),
+        (dict(top_k=2.5), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.01), "top_p"),
+        (dict(max_new_tokens=-1), "max_new_tokens"),
+        (dict(prompt=np.array([[1, 300]])), "vocab_size=257"),
+        (dict(prompt=np.zeros((2, 0), np.int32)), "prompt"),
+        (dict(prompt=np.array([0.5, 1.0])), "integer"),
+    ],
+)
+def test_bad_arguments_are_rejected(kwargs, match):
+    args = {"prompt": np.array([[1, 2]]), "max_new_tokens": 3, "rng": jax.random.key(0), **kwargs}
+    with pytest.raises(ValueError, match=match):
+        generate(_model(), args.pop("prompt"), **args)
