@@ -269,28 +269,18 @@ def range_test(
     """
     check_range(min_lr, max_lr, num_steps)
     import jax
-    from flax import nnx
 
     from jaxtricks import data as data_lib
-    from jaxtricks import regularization
-    from jaxtricks.model import Transformer
-    from jaxtricks.optimizer import make_optimizer
-    from jaxtricks.step import TrainState, make_steps, unreplicate_metrics
+    from jaxtricks.step import make_steps, unreplicate_metrics
+    from jaxtricks.training import init
 
     data_lib.check_data(config.data)
-    oc, tc = config.optimizer, config.train
-    optimizer = make_optimizer(
-        name=oc.name,
-        learning_rate=exponential_range(min_lr, max_lr, num_steps),
-        momentum=oc.momentum, b1=oc.b1, b2=oc.b2, eps=oc.eps,
-        clip_norm=oc.clip_norm, l1=oc.l1, l2=oc.l2, weight_decay=oc.weight_decay,
-        mask=None if oc.decay_all else regularization.decay_mask,
-        skip_nonfinite=oc.skip_nonfinite,
+    tc = config.train
+    _, graphdef, rest, optimizer, state = init(
+        config, learning_rate=exponential_range(min_lr, max_lr, num_steps)
     )
-    model = Transformer(config.model, rngs=nnx.Rngs(tc.seed))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     steps = make_steps(graphdef, rest, optimizer, config.parallelism)
-    state = steps.put_state(TrainState(jnp.int32(0), params, optimizer.init(params)))
+    state = steps.put_state(state)
     batches = data_lib.train_iterator(
         config.data, batch_size=tc.batch_size // jax.process_count(), seed=tc.seed
     )

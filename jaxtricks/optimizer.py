@@ -350,15 +350,20 @@ def schedule_from_config(cfg: Any, total_steps: int) -> schedules.Schedule:
     return schedules.warmup_then(warmup, after)
 
 
-def optimizer_from_config(cfg: Any, total_steps: int) -> optax.GradientTransformationExtraArgs:
+def optimizer_from_config(
+    cfg: Any, total_steps: int, *, learning_rate: Any = None
+) -> optax.GradientTransformationExtraArgs:
     """:func:`make_optimizer` for an ``OptimizerConfig`` and a run of ``total_steps`` updates.
 
-    The learning rate is :func:`schedule_from_config`; ``decay_all=False`` restricts l1, l2 and
-    weight_decay to :func:`jaxtricks.decay_mask` (matrices and embeddings).
+    The learning rate is :func:`schedule_from_config` unless ``learning_rate`` replaces it;
+    ``decay_all=False`` restricts l1, l2 and weight_decay to :func:`jaxtricks.decay_mask`
+    (matrices and embeddings).
 
     Args:
       cfg: a :class:`jaxtricks.config.OptimizerConfig`.
       total_steps: the number of updates in the run (``train.steps``).
+      learning_rate: a number or schedule to use instead of the configured schedule (the
+        learning-rate range test sweeps its own).
 
     Returns:
       The chain of :func:`make_optimizer`.
@@ -374,7 +379,9 @@ def optimizer_from_config(cfg: Any, total_steps: int) -> optax.GradientTransform
     """
     return make_optimizer(
         name=cfg.name,
-        learning_rate=schedule_from_config(cfg, total_steps),
+        learning_rate=(
+            schedule_from_config(cfg, total_steps) if learning_rate is None else learning_rate
+        ),
         momentum=cfg.momentum,
         b1=cfg.b1,
         b2=cfg.b2,

@@ -12,11 +12,12 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from jaxtricks import config as config_lib
@@ -79,6 +80,26 @@ def check_resumable(saved: dict, config: config_lib.Config) -> list[str]:
                 name = f"{section}.{key}" if key else section
                 changes.append(f"{name}: {old_values[key]!r} -> {value!r}")
     return changes
+
+
+class Init(NamedTuple):
+    """A freshly initialized model, split for the step, with its optimizer and train state."""
+
+    model: Transformer
+    graphdef: nnx.GraphDef
+    rest: Any  # nnx.State of what is not a parameter (merged back unchanged)
+    optimizer: optax.GradientTransformation
+    state: TrainState
+
+
+def init(config: config_lib.Config, *, learning_rate: Any = None) -> Init:
+    """The model, the optimizer (``learning_rate`` replaces the schedule) and the step-0 state."""
+    model = Transformer(config.model, rngs=nnx.Rngs(config.train.seed))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    optimizer = optimizer_from_config(config.optimizer, config.train.steps,
+                                      learning_rate=learning_rate)
+    return Init(model, graphdef, rest, optimizer,
+                TrainState(jnp.int32(0), params, optimizer.init(params)))
 
 
 def preflight(config: config_lib.Config, workdir: Path) -> None:
@@ -166,10 +187,7 @@ def run(config: config_lib.Config, workdir: str | Path) -> dict[str, Any]:
 
     # The model, the optimizer and the state they update.
     tc = config.train
-    model = Transformer(config.model, rngs=nnx.Rngs(tc.seed))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    optimizer = optimizer_from_config(config.optimizer, tc.steps)
-    state = TrainState(jnp.int32(0), params, optimizer.init(params))
+    model, graphdef, rest, optimizer, state = init(config)
     steps = make_steps(graphdef, rest, optimizer, config.parallelism)
     rng = jax.random.key(tc.seed)
 
@@ -274,6 +292,9 @@ def run(config: config_lib.Config, workdir: str | Path) -> dict[str, Any]:
     checkpoints.close()
     if hasattr(train_iter, "close"):  # grain worker processes, when data.num_workers > 0
         train_iter.close()
+    from jaxtricks.plots import write_report  # matplotlib: imported only when needed
+
+    print(f"report: {write_report(workdir)}")
     if not stop.signal_name and tc.sample_tokens > 0:
         from jaxtricks.sampling import generate
 
@@ -294,10 +315,7 @@ def load_model(workdir: str | Path) -> tuple[config_lib.Config, Transformer, int
     if step is None:
         raise CheckpointError(f"no checkpoint in {checkpoints.directory}; train one with train.py.")
     config = config_lib.from_dict(checkpoints.read_config(step))
-    model = Transformer(config.model, rngs=nnx.Rngs(0))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    optimizer = optimizer_from_config(config.optimizer, config.train.steps)
-    abstract = jax.eval_shape(lambda: TrainState(jnp.int32(0), params, optimizer.init(params)))
-    step, state, _, _ = checkpoints.restore(abstract)
+    _, graphdef, rest, _, state = init(config)
+    step, state, _, _ = checkpoints.restore(state)
     checkpoints.close()
     return config, nnx.merge(graphdef, state.params, rest), step

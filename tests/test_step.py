@@ -9,12 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from jaxtricks import config as config_lib
-from jaxtricks.model import Transformer
-from jaxtricks.optimizer import optimizer_from_config
-from jaxtricks.step import TrainState, cross_entropy, make_steps
+from jaxtricks.step import cross_entropy, make_steps
+from jaxtricks.training import init
 
 TINY = ["model.num_layers=2", "model.d_model=32", "model.num_heads=2", "model.d_ff=64",
         "model.max_seq_len=16", "data.seq_len=16", "train.batch_size=8", "train.steps=50"]
@@ -22,10 +20,7 @@ TINY = ["model.num_layers=2", "model.d_model=32", "model.num_heads=2", "model.d_
 
 def _setup(overrides=(), parallelism="single"):
     config = config_lib.load(None, TINY + list(overrides))
-    model = Transformer(config.model, rngs=nnx.Rngs(0))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    optimizer = optimizer_from_config(config.optimizer, config.train.steps)
-    state = TrainState(jnp.int32(0), params, optimizer.init(params))
+    _, graphdef, rest, optimizer, state = init(config)
     return config, make_steps(graphdef, rest, optimizer, parallelism), state
 
 

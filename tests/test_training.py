@@ -79,6 +79,7 @@ def test_a_run_logs_evaluates_checkpoints_and_samples(tmp_path, data_dir, capsys
     assert train_rows[-1]["loss"] < train_rows[0]["loss"]  # it learns
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["20"]
     assert "sample:\nThe " in out
+    assert (workdir / "report.png").read_bytes().startswith(b"\x89PNG")
     assert json.loads((workdir / "config.json").read_text())["train"]["steps"] == 20
 
 
