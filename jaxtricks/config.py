@@ -26,10 +26,10 @@ class ModelConfig:
     """Sizes of the decoder-only transformer."""
 
     vocab_size: int = 257  # bytes 0..255 plus the end-of-document token 256
-    num_layers: int = 4
-    d_model: int = 192
+    num_layers: int = 3
+    d_model: int = 128
     num_heads: int = 4
-    d_ff: int = 768  # hidden width of the MLP
+    d_ff: int = 512  # hidden width of the MLP
     max_seq_len: int = 128  # the model's context: the longest sequence it can read
     dropout: float = 0.0
     position: Literal["learned", "rope"] = "learned"
@@ -61,7 +61,7 @@ class OptimizerConfig:
     schedule: Literal[
         "constant", "cosine", "linear", "exponential", "polynomial", "wsd", "inverse_sqrt"
     ] = "cosine"
-    warmup_steps: int = 0
+    warmup_steps: int = 50
     end_value: float = 0.0  # learning rate at the end of the decay
     decay_rate: float = 0.0  # schedule=exponential: lr * exp(-decay_rate * t)
     power: float = 1.0  # schedule=polynomial
@@ -83,13 +83,13 @@ class OptimizerConfig:
 class TrainConfig:
     """The loop: how long, how often to log, evaluate and save."""
 
-    steps: int = 1000
-    batch_size: int = 32  # global: split across all devices
+    steps: int = 800
+    batch_size: int = 16  # global: split across all devices
     seed: int = 0
     log_every: int = 10
-    eval_every: int = 200
+    eval_every: int = 100
     eval_batches: int = 8
-    checkpoint_every: int = 500
+    checkpoint_every: int = 200
     keep_checkpoints: int = 3
     max_consecutive_skips: int = 10  # stop after this many non-finite steps in a row
     sample_prompt: str = "The "

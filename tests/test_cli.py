@@ -20,7 +20,8 @@ from jaxtricks import plots
 from jaxtricks.cli import main
 
 TINY = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.d_ff=64",
-        "model.max_seq_len=32", "data.seq_len=32", "train.batch_size=8"]
+        "model.max_seq_len=32", "data.seq_len=32", "train.batch_size=8",
+        "optimizer.warmup_steps=0"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

@@ -53,7 +53,7 @@ def test_round_trip_through_dict():
         (["optimizer.name=lion"], "optimizer.name='lion' is not allowed; choose one of sgd"),
         (["optimizer.power=0"], "optimizer.power=0.0 is out of range"),
         (["optimizer.clip_norm=0"], "optimizer.clip_norm=0.0 is out of range"),
-        (["optimizer.warmup_steps=2000"], "0 <= warmup_steps < train.steps=1000"),
+        (["optimizer.warmup_steps=2000"], "0 <= warmup_steps < train.steps=600"),
         (["data.seq_len=4096"], "data.seq_len=4096 is out of range; allowed: <= model.max_seq_len"),
         (["model.d_model=190"], "a multiple of model.num_heads=4"),
         (["model.dropout=1.5"], "model.dropout=1.5 is out of range"),

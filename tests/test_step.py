@@ -15,7 +15,8 @@ from jaxtricks.step import cross_entropy, make_steps
 from jaxtricks.training import init
 
 TINY = ["model.num_layers=2", "model.d_model=32", "model.num_heads=2", "model.d_ff=64",
-        "model.max_seq_len=16", "data.seq_len=16", "train.batch_size=8", "train.steps=50"]
+        "model.max_seq_len=16", "data.seq_len=16", "train.batch_size=8", "train.steps=50",
+        "optimizer.warmup_steps=0"]
 
 
 def _setup(overrides=(), parallelism="single"):

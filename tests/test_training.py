@@ -24,7 +24,8 @@ from jaxtricks import training
 ROOT = Path(__file__).parent.parent
 TINY = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.d_ff=64",
         "model.max_seq_len=32", "data.seq_len=32", "train.batch_size=8", "train.log_every=1",
-        "train.eval_every=100", "train.checkpoint_every=25", "train.sample_tokens=0"]
+        "train.eval_every=100", "train.checkpoint_every=25", "train.sample_tokens=0",
+        "optimizer.warmup_steps=0"]
 STEPS = 400
 
 
