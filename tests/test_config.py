@@ -26,9 +26,9 @@ def test_every_shipped_config_loads_and_comments_every_field(path):
 
 
 def test_overrides_parse_yaml_scalars():
-    c = config_lib.load(None, ["train.steps=7", "optimizer.clip_norm=null",
+    c = config_lib.load(None, ["train.steps=70", "optimizer.clip_norm=null",
                                "optimizer.learning_rate=1e-3", "data.path=a b.txt"])
-    assert c.train.steps == 7
+    assert c.train.steps == 70
     assert c.optimizer.clip_norm is None
     assert c.optimizer.learning_rate == pytest.approx(1e-3)
     assert c.data.path == "a b.txt"
@@ -53,7 +53,7 @@ def test_round_trip_through_dict():
         (["optimizer.name=lion"], "optimizer.name='lion' is not allowed; choose one of sgd"),
         (["optimizer.power=0"], "optimizer.power=0.0 is out of range"),
         (["optimizer.clip_norm=0"], "optimizer.clip_norm=0.0 is out of range"),
-        (["optimizer.warmup_steps=2000"], "0 <= warmup_steps < train.steps=600"),
+        (["optimizer.warmup_steps=2000"], "0 <= warmup_steps < train.steps=800"),
         (["data.seq_len=4096"], "data.seq_len=4096 is out of range; allowed: <= model.max_seq_len"),
         (["model.d_model=190"], "a multiple of model.num_heads=4"),
         (["model.dropout=1.5"], "model.dropout=1.5 is out of range"),
