@@ -55,8 +55,12 @@ def peak_flops(device: jax.Device) -> float | None:
     return None
 
 
-# Changing any of these changes the shape of the parameters or of the optimizer state.
+# Changing any of these changes the shape of the parameters.
 SHAPE_KEYS = ("vocab_size", "num_layers", "d_model", "num_heads", "d_ff", "max_seq_len", "position")
+# The optimizer settings that decide the optimizer state's structure (a value may change, not
+# whether the trick is on).
+OPTIMIZER_STATE_KEYS = {"name": str, "skip_nonfinite": bool, "l1": bool, "l2": bool,
+                        "weight_decay": bool}
 
 
 def check_resumable(saved: dict, config: config_lib.Config) -> list[str]:
@@ -69,6 +73,14 @@ def check_resumable(saved: dict, config: config_lib.Config) -> list[str]:
                 f"the checkpoint was made with model.{key}={old!r} but the config says {new!r}; "
                 "a run can only resume with the same model shape (use another --workdir to start "
                 "a new run)."
+            )
+    for key, structural in OPTIMIZER_STATE_KEYS.items():
+        old, new = saved.get("optimizer", {}).get(key), current["optimizer"][key]
+        if structural(old) != structural(new):
+            raise CheckpointError(
+                f"the checkpoint was made with optimizer.{key}={old!r} but the config says "
+                f"{new!r}, which changes the optimizer state (an optimizer, or a trick switched "
+                "on or off); resume with the same, or use another --workdir."
             )
     changes = []
     for section, values in current.items():

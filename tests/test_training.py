@@ -280,6 +280,9 @@ def test_a_foreign_or_mismatched_checkpoint_is_refused_and_kept(tmp_path, data_d
     assert train.main(_args(run, data_dir, "model.d_model=64", steps=30)) == 2
     err = capsys.readouterr().err
     assert "model.d_model=32 but the config says 64" in err
+    assert train.main(_args(run, data_dir, "optimizer.l2=1e-4", steps=30)) == 2
+    err = capsys.readouterr().err
+    assert "optimizer.l2=0.0 but the config says 0.0001, which changes the optimizer state" in err
     assert (run / "metrics.jsonl").read_text() == before
 
 
