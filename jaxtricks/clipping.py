@@ -175,9 +175,10 @@ def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransfo
           (0, s) & \text{otherwise}
         \end{cases}
 
-    No Python branch: the inner transform always runs and ``jnp.where`` keeps the old inner state
-    (and a zero update) on a skipped step, so it works under ``jit`` and ``pmap``. Schedules inside
-    ``inner`` therefore count applied updates only. Only the incoming gradient is checked.
+    No Python branch: ``jax.lax.cond`` runs the inner transform, or keeps the old inner state with
+    a zero update on a skipped step (as ``optax.apply_if_finite`` does), so it works under ``jit``
+    and ``pmap``. Schedules inside ``inner`` therefore count applied updates only. Only the
+    incoming gradient is checked.
 
     Args:
       inner: the transformation to protect (e.g. the whole chain).
@@ -210,11 +211,19 @@ def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransfo
 
     def update_fn(updates, state, params=None, **extra_args):
         skip = jnp.logical_not(_all_finite(updates))
-        new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
-        new_updates = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
-        kept_inner = jax.tree.map(
-            lambda new, old: jnp.where(skip, old, new), new_inner, state.inner_state
-        )
+
+        def apply(_):
+            return inner.update(updates, state.inner_state, params, **extra_args)
+
+        def reject(_):
+            new_updates = jax.eval_shape(apply, None)[0]
+            zeros = jax.tree.map(lambda u: jnp.zeros(u.shape, u.dtype), new_updates)
+            return zeros, state.inner_state
+
+        # A branch, not jnp.where over every leaf: selecting between the old and new state made
+        # XLA copy the parameters and both Adam moments each step (BENCHMARKS.md, Transforms).
+        # The update is the true branch: the other order inserted copies too.
+        new_updates, kept_inner = jax.lax.cond(jnp.logical_not(skip), apply, reject, None)
         new_state = SkipNonfiniteState(
             inner_state=kept_inner,
             total_skipped=jnp.where(
