@@ -1,0 +1,132 @@
+"""Smoke tests of benchmarks/bench_step.py and benchmarks/bench_gpu_mfu.py in their --quick mode.
+
+They run the scripts as a user would (subprocesses, CPU) and check the rows they print; they pass
+with or without PyTorch installed and never need a GPU. No timing is asserted: only that every
+row is there and its numbers are well formed. XLA's backend optimizations are switched off in the
+subprocesses to keep compilation short (the speed of a smoke run means nothing anyway).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+NUMBER = r"[\d,]+(?:\.\d+)?"
+
+
+def _run(script: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", script), *args],
+        capture_output=True, text=True, timeout=600, env=env, cwd=REPO,
+    )
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def _rows(out: str, first_cell: str) -> list[list[str]]:
+    """Cells of the markdown rows whose first cell is ``first_cell``."""
+    rows = []
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == first_cell:
+            rows.append(cells)
+    return rows
+
+
+def _positive(cell: str) -> float:
+    assert re.fullmatch(NUMBER, cell), cell
+    value = float(cell.replace(",", ""))
+    assert value > 0, cell
+    return value
+
+
+@pytest.mark.slow
+def test_bench_step_quick_prints_every_table():
+    out = _run("bench_step.py", "--quick").stdout
+
+    step_rows = [r for r in _rows(out, "quick") if r[3] in ("JAX", "PyTorch")]
+    assert [r[3] for r in step_rows] == (["JAX", "PyTorch"] if HAS_TORCH else ["JAX"])
+    for r in step_rows:
+        assert r[2] == "4x16"
+        step_ms, tokens_per_s = _positive(r[4]), _positive(r[5])
+        assert tokens_per_s == pytest.approx(64 / (step_ms / 1e3), rel=0.5)  # ms are rounded
+        assert re.fullmatch(r"\d+%", r[8]), r[8]
+        assert re.fullmatch(r"\d+ \(\+-?\d+.*\)", r[10]), r[10]  # peak RSS (+ over imports)
+    jax_row = step_rows[0]
+    assert re.fullmatch(r"\d+\.\d \+ \d+\.\d", jax_row[9]), jax_row[9]  # trace+lower + XLA
+    if HAS_TORCH:
+        assert re.fullmatch(r"\*\*\d+\.\d\dx\*\*", jax_row[6]), jax_row[6]
+    assert "float32 matmul" in out
+
+    phases = [r[1] for r in _rows(out, "quick") if len(r) == 5]
+    assert phases == ["forward", "backward", "optimizer", "step"]
+
+    for label in ("seq 16", "seq 32", "d_model 32", "d_model 64"):
+        (row,) = _rows(out, label)
+        _positive(row[2])
+    assert _rows(out, "seq 16")[0][3] == "1.00"  # the reference row of each scaling table
+    assert _rows(out, "d_model 32")[0][3] == "1.00"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TORCH, reason="without torch the test above covers this path")
+def test_bench_step_runs_without_torch():
+    out = _run("bench_step.py", "--quick", "--no-torch", "--sections", "step").stdout
+    assert "PyTorch: not measured" in out
+    assert [r[3] for r in _rows(out, "quick")] == ["JAX"]
+    assert "Scaling" not in out
+
+
+@pytest.mark.slow
+def test_bench_gpu_mfu_quick_runs_on_cpu():
+    out = _run("bench_gpu_mfu.py", "--quick").stdout
+    (row,) = _rows(out, "cpu")
+    assert row[1:4] == ["xla", "XLA (dots + softmax)", "4x64"]
+    _positive(row[5])  # step ms
+    _positive(row[6])  # tokens/s
+    assert row[8].startswith("n/a")  # no peak FLOP/s for a CPU
+    assert re.fullmatch(r"\d+\.\d \+ \d+\.\d", row[9]), row[9]
+    assert float(row[11]) > 0  # the loss of random tokens: about log(vocab)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="this machine has a GPU")
+def test_bench_gpu_mfu_refuses_without_a_gpu():
+    proc = _run("bench_gpu_mfu.py", check=False)
+    assert proc.returncode != 0
+    assert "measures MFU on a GPU" in proc.stderr and "--quick" in proc.stderr
+    proc = _run("bench_gpu_mfu.py", "--quick", "--attention", "cudnn", check=False)
+    assert proc.returncode != 0 and "needs an NVIDIA GPU" in proc.stderr
+
+
+def test_attention_override_reaches_the_model():
+    """The --attention cudnn switch replaces the implementation the model passes (None)."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    try:
+        import bench_gpu_mfu
+    finally:
+        sys.path.pop(0)
+    seen = []
+    original = jax.nn.dot_product_attention
+    jax.nn.dot_product_attention = lambda *a, implementation=None, **k: seen.append(implementation)
+    try:
+        with bench_gpu_mfu.attention_implementation("cudnn"):
+            jax.nn.dot_product_attention(None, None, None, implementation=None)
+        with bench_gpu_mfu.attention_implementation("xla"):
+            jax.nn.dot_product_attention(None, None, None, implementation=None)
+    finally:
+        jax.nn.dot_product_attention = original
+    assert seen == ["cudnn", None]
+    assert bench_gpu_mfu.compiled_attention('custom_call_target="__cudnn$fmhaSoftmax"') \
+        .startswith("cuDNN")
+    assert bench_gpu_mfu.compiled_attention("dot(...)").startswith("XLA")
