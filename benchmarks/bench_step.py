@@ -48,6 +48,13 @@ MODELS = {
 }
 QUICK_MODELS = {"quick": (dict(num_layers=1, d_model=32, num_heads=2, d_ff=128), 4, 16)}
 TOTAL_STEPS = 10_000  # length of the cosine schedule of both optimizers (no effect on speed)
+# XLA:CPU allocates each step's temporary buffers (hundreds of MB) in one block from the thread's
+# malloc arena; glibc serves such a block with mmap and unmaps it on free, so every step
+# page-faults all of it in again (the kernel zeroes each page). One arena (brk heap), no mmap and no
+# trimming keep the block mapped from one step to the next. Read by glibc at process start.
+MALLOC_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+                   "glibc.malloc.trim_threshold=1000000000000")
+JAX_KEPT = "JAX, glibc keeps buffers"
 
 
 def default_optimizer() -> dict:
@@ -424,15 +431,19 @@ def _steps_per_block(step_s: float, block_s: float) -> int:
     return max(1, round(block_s / max(step_s, 1e-6)))
 
 
-def _start_workers(spec: dict | None, with_torch: bool) -> tuple[dict, dict]:
-    """A JAX and (maybe) a PyTorch worker, started one after the other so that each one's
-    compile / first step is timed without the other starting up next to it."""
+def _start_workers(spec: dict | None, with_torch: bool, malloc_variant: bool = False
+                   ) -> tuple[dict, dict]:
+    """A JAX, (maybe) a JAX-with-MALLOC_TUNABLES and (maybe) a PyTorch worker, started one after
+    the other so that each one's compile / first step is timed without another starting up."""
+    kinds = [("JAX", JaxBench, None)]
+    if malloc_variant:
+        kinds.append((JAX_KEPT, JaxBench, {"GLIBC_TUNABLES": MALLOC_TUNABLES}))
+    if with_torch:
+        kinds.append(("PyTorch", TorchBench, None))
     workers, info = {}, {}
     try:
-        for name, factory in (("JAX", JaxBench), ("PyTorch", TorchBench)):
-            if name == "PyTorch" and not with_torch:
-                break
-            workers[name] = Worker(factory, None)
+        for name, factory, env in kinds:
+            workers[name] = Worker(factory, None, env)
             if spec is not None:
                 info[name] = workers[name].call("load", spec)
     except BaseException:
@@ -452,11 +463,12 @@ def section_step(args, models: dict, with_torch: bool) -> str:
         spec = make_spec(arch, batch, seq, args.optimizer)
         flops = flops_per_token(ModelConfig(**spec["model"]), seq)
         # Fresh workers per model: each one's ru_maxrss is this model's peak memory.
-        workers, info = _start_workers(spec, with_torch)
+        workers, info = _start_workers(spec, with_torch, args.malloc_variant)
         try:
-            per_block = {}
+            per_block, warm_s = {}, {}
             for name, w in workers.items():  # warm up; size the blocks from a compiled step
-                per_block[name] = _steps_per_block(w.call("run", 1)[0], args.block_seconds)
+                warm_s[name] = w.call("run", 1)[0]
+                per_block[name] = _steps_per_block(warm_s[name], args.block_seconds)
             workers["JAX"].call("matmul", args.matmul, 1)  # compile the matmul outside the loop
 
             def one(name, w, per_block=per_block, jax_worker=workers["JAX"]):
@@ -469,7 +481,9 @@ def section_step(args, models: dict, with_torch: bool) -> str:
             memory = {name: w.call("memory") for name, w in workers.items()}
             torch_mm = workers["PyTorch"].call("matmul", args.matmul, 3)[0] if with_torch else None
             if "breakdown" in args.sections:
-                parts = _interleaved(workers, lambda n, w: w.call("breakdown", 2), 3,
+                # Each call times every phase n times (about one block of wall time in all).
+                n = _steps_per_block(2 * max(warm_s.values()), args.block_seconds)
+                parts = _interleaved(workers, lambda _, w, n=n: w.call("breakdown", n), 3,
                                      args.max_others)
                 breakdown_rows += _breakdown_rows(label, parts, args.max_others)
         finally:
@@ -495,13 +509,13 @@ def section_step(args, models: dict, with_torch: bool) -> str:
             tok_s = batch * seq / step_s[name]
             achieved = tok_s * flops
             i, mem = info[name], memory[name]
-            if name == "JAX":
+            if name != "PyTorch":
                 first = f"{i['lower_s']:.1f} + {i['compile_s']:.1f}"
                 temp = "" if i["xla_temp_mb"] is None else f"; XLA temp {i['xla_temp_mb']:.0f}"
             else:  # eager: no compilation; the first step pays for allocation and warm-up
                 first, temp = f"({i['first_step_s']:.2f})", ""
             vs_torch = (f"**{step_s['PyTorch'] / step_s[name]:.2f}x**"
-                        if with_torch and name == "JAX" else "")
+                        if with_torch and name != "PyTorch" else "")
             rows.append([
                 label, f"{i['params'] / 1e6:.2f}M", f"{batch}x{seq}", name,
                 f"{1e3 * step_s[name]:.0f}", f"{tok_s:,.0f}", vs_torch,
@@ -515,8 +529,10 @@ def section_step(args, models: dict, with_torch: bool) -> str:
         rows,
     ), ""] + [f"- {n}" for n in notes]
     if breakdown_rows:
-        out += ["", markdown_table(
-            ["model", "phase", "JAX ms", "PyTorch ms", "JAX / PyTorch time"], breakdown_rows)]
+        headers = ["model", "phase"] + [f"{name} ms" for name in workers]
+        if with_torch:
+            headers += [f"{name} / PyTorch time" for name in workers if name != "PyTorch"]
+        out += ["", markdown_table(headers, breakdown_rows)]
     return "\n".join(out)
 
 
@@ -526,11 +542,10 @@ def _breakdown_rows(label: str, parts: dict, max_others: float) -> list[list[str
         ms = {name: median([p[phase] for p in (_clean(blocks, max_others) or
                                                 [v for v, _ in blocks])])
               for name, blocks in parts.items()}
-        torch_ms = ms.get("PyTorch")
-        rows.append([
-            label, phase, f"{ms['JAX']:.1f}", "n/a" if torch_ms is None else f"{torch_ms:.1f}",
-            "n/a" if torch_ms is None else f"{ms['JAX'] / torch_ms:.2f}",
-        ])
+        row = [label, phase] + [f"{value:.1f}" for value in ms.values()]
+        if "PyTorch" in ms:
+            row += [f"{ms[name] / ms['PyTorch']:.2f}" for name in ms if name != "PyTorch"]
+        rows.append(row)
     return rows
 
 
@@ -591,6 +606,9 @@ def main(argv=None) -> None:
     parser.add_argument("--models", default="tiny,small",
                         help=f"comma-separated from {', '.join(MODELS)}, default")
     parser.add_argument("--no-torch", action="store_true", help="JAX only")
+    parser.add_argument("--no-malloc-variant", dest="malloc_variant", action="store_false",
+                        help=f"leave out the '{JAX_KEPT}' row (JAX with GLIBC_TUNABLES="
+                             f"{MALLOC_TUNABLES})")
     parser.add_argument("--reps", type=int, default=5, help="interleaved A/B repetitions")
     parser.add_argument("--scaling-reps", type=int, default=3)
     parser.add_argument("--block-seconds", type=float, default=2.0,
@@ -633,6 +651,9 @@ def main(argv=None) -> None:
           f"betas ({o['b1']}, {o['b2']}) eps {o['eps']} wd {o['weight_decay']}, clip "
           f"{o['clip_norm']}, {o['schedule']} schedule, skip_nonfinite {o['skip_nonfinite']} "
           "(JAX only)")
+    if args.malloc_variant and args.sections & {"step", "breakdown"}:
+        print(f"'{JAX_KEPT}': the same JAX step in a process started with "
+              f"GLIBC_TUNABLES={MALLOC_TUNABLES} (the fix proposed in BENCHMARKS.md)")
     print(f"medians of {args.reps} interleaved A/B blocks (blocks during which other processes "
           f"used >= {args.max_others:.0%} of the CPUs are set aside and rerun, up to "
           f"{3 * args.reps} rounds); synthetic random tokens\n")

@@ -18,6 +18,11 @@ import jax
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+import bench_gpu_mfu  # noqa: E402
+import bench_step  # noqa: E402
+
+sys.path.pop(0)
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 NUMBER = r"[\d,]+(?:\.\d+)?"
 
@@ -55,22 +60,26 @@ def _positive(cell: str) -> float:
 def test_bench_step_quick_prints_every_table():
     out = _run("bench_step.py", "--quick").stdout
 
-    step_rows = [r for r in _rows(out, "quick") if r[3] in ("JAX", "PyTorch")]
-    assert [r[3] for r in step_rows] == (["JAX", "PyTorch"] if HAS_TORCH else ["JAX"])
+    frameworks = ["JAX", bench_step.JAX_KEPT] + (["PyTorch"] if HAS_TORCH else [])
+    step_rows = [r for r in _rows(out, "quick") if r[3] in frameworks]
+    assert [r[3] for r in step_rows] == frameworks
     for r in step_rows:
         assert r[2] == "4x16"
         step_ms, tokens_per_s = _positive(r[4]), _positive(r[5])
         assert tokens_per_s == pytest.approx(64 / (step_ms / 1e3), rel=0.5)  # ms are rounded
         assert re.fullmatch(r"\d+%", r[8]), r[8]
         assert re.fullmatch(r"\d+ \(\+-?\d+.*\)", r[10]), r[10]  # peak RSS (+ over imports)
-    jax_row = step_rows[0]
-    assert re.fullmatch(r"\d+\.\d \+ \d+\.\d", jax_row[9]), jax_row[9]  # trace+lower + XLA
-    if HAS_TORCH:
-        assert re.fullmatch(r"\*\*\d+\.\d\dx\*\*", jax_row[6]), jax_row[6]
+    for jax_row in step_rows[:2]:
+        assert re.fullmatch(r"\d+\.\d \+ \d+\.\d", jax_row[9]), jax_row[9]  # trace+lower + XLA
+        if HAS_TORCH:
+            assert re.fullmatch(r"\*\*\d+\.\d\dx\*\*", jax_row[6]), jax_row[6]
     assert "float32 matmul" in out
 
-    phases = [r[1] for r in _rows(out, "quick") if len(r) == 5]
-    assert phases == ["forward", "backward", "optimizer", "step"]
+    phases = ["forward", "backward", "optimizer", "step"]
+    breakdown = [r for r in _rows(out, "quick") if r[1] in phases]
+    assert [r[1] for r in breakdown] == phases
+    for r in breakdown:  # ms per framework, then each JAX's time over PyTorch's
+        assert len(r) == 2 + len(frameworks) + (2 if HAS_TORCH else 0)
 
     for label in ("seq 16", "seq 32", "d_model 32", "d_model 64"):
         (row,) = _rows(out, label)
@@ -82,7 +91,8 @@ def test_bench_step_quick_prints_every_table():
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_TORCH, reason="without torch the test above covers this path")
 def test_bench_step_runs_without_torch():
-    out = _run("bench_step.py", "--quick", "--no-torch", "--sections", "step").stdout
+    out = _run("bench_step.py", "--quick", "--no-torch", "--no-malloc-variant",
+               "--sections", "step").stdout
     assert "PyTorch: not measured" in out
     assert [r[3] for r in _rows(out, "quick")] == ["JAX"]
     assert "Scaling" not in out
@@ -111,11 +121,6 @@ def test_bench_gpu_mfu_refuses_without_a_gpu():
 
 def test_attention_override_reaches_the_model():
     """The --attention cudnn switch replaces the implementation the model passes (None)."""
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    try:
-        import bench_gpu_mfu
-    finally:
-        sys.path.pop(0)
     seen = []
     original = jax.nn.dot_product_attention
     jax.nn.dot_product_attention = lambda *a, implementation=None, **k: seen.append(implementation)
