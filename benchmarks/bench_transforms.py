@@ -77,7 +77,8 @@ CHECK = Hyper(peak_lr=1e-2, warmup=2, decay=0.1, clip=1.0, l1=1e-2, l2=1e-2, wei
 # --------------------------------------------------------------------------- the chains
 
 
-def jaxtricks_chain(h: Hyper, *, mask: Any = None, skip_nonfinite: bool = False):
+def jaxtricks_chain(h: Hyper, *, mask: Any = None, skip_nonfinite: bool = False,
+                    record_penalties: bool = False):
     """``jaxtricks.make_optimizer``: clip -> L1 -> L2 -> Adam -> decoupled decay -> -lr."""
     return jaxtricks.make_optimizer(
         name="adamw",
@@ -93,6 +94,7 @@ def jaxtricks_chain(h: Hyper, *, mask: Any = None, skip_nonfinite: bool = False)
         weight_decay=h.weight_decay,
         mask=mask,
         skip_nonfinite=skip_nonfinite,
+        record_penalties=record_penalties,
     )
 
 
@@ -140,8 +142,10 @@ def jaxtricks_piece(name: str, h: Hyper) -> dict[str, Any]:
     """jaxtricks' own transform(s) for one piece of the optax chain."""
     if name == "clip":
         return {"clip": jaxtricks.clip_by_global_norm(h.clip)}
-    if name == "l1+l2":
-        return {"l1": jaxtricks.l1_regularization(h.l1), "l2": jaxtricks.l2_regularization(h.l2)}
+    if name in ("l1+l2", "l1+l2 recorded"):
+        record = name == "l1+l2 recorded"
+        return {"l1": jaxtricks.l1_regularization(h.l1, record_penalty=record),
+                "l2": jaxtricks.l2_regularization(h.l2, record_penalty=record)}
     if name == "decay":
         return {"decay": jaxtricks.weight_decay(h.weight_decay)}
     if name == "lr":
@@ -427,7 +431,8 @@ What each case computes (same math in every row, float32; see `Hyper` in the scr
   `g + l1*sign(w)` (optax has no L1 transform).
 - **jaxtricks**: `jaxtricks.make_optimizer(name="adamw", learning_rate=warmup_then(W,
   exponential_decay(peak, k)), clip_norm=c, l1=l1, l2=l2, weight_decay=wd)`: the same chain, which
-  also records the pre-clip norm, whether it clipped, the lr, and the L1/L2 penalties in its state.
+  also records the pre-clip norm, whether it clipped and the lr in its state (not the L1/L2
+  penalties: `record_penalties=False` is the default; the breakdown shows what recording costs).
 - **torch <impl>**: `clip_grad_norm_`, `.grad += l1*sign(w) + 2*l2*w`,
   `AdamW(weight_decay=wd).step()`, `LambdaLR.step()`, in place; `for-loop` (`foreach=False`, the
   default for CPU tensors), `foreach` (`foreach=True`, also for the clip and the L1/L2 terms) or
@@ -573,6 +578,7 @@ def section_breakdown(shapes, timing: Timing) -> None:
     for piece, label in [
         ("clip", "clip -> jaxtricks.clip_by_global_norm"),
         ("l1+l2", "L1, L2 -> jaxtricks.l1_regularization, l2_regularization"),
+        ("l1+l2 recorded", "L1, L2 -> the same with record_penalty=True"),
         ("decay", "decay -> jaxtricks.weight_decay"),
         ("lr", "lr -> jaxtricks.scale_by_learning_rate(jaxtricks schedule)"),
     ]:

@@ -116,6 +116,7 @@ def make_optimizer(
     weight_decay: Any = 0.0,
     mask: Any = None,
     skip_nonfinite: bool = False,
+    record_penalties: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""One ``optax.chain`` with every trick, in the order documented in this module.
 
@@ -143,6 +144,9 @@ def make_optimizer(
       mask: which parameters l1 / l2 / weight_decay act on: None (all), a pytree of bools or a
         callable such as :func:`jaxtricks.decay_mask`.
       skip_nonfinite: wrap the chain in :func:`jaxtricks.skip_nonfinite`.
+      record_penalties: keep the L1 / L2 penalties in the state at every update (for
+        :func:`optimizer_stats`; a pass over the parameters per update, see
+        :func:`jaxtricks.l1_regularization`).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; read its logs with :func:`optimizer_stats`.
@@ -185,9 +189,13 @@ def make_optimizer(
 
     parts = [clipping.clip_by_global_norm(math.inf if clip_norm is None else clip_norm)]
     if not _is_off(l1):
-        parts.append(regularization.l1_regularization(l1, mask=mask))
+        parts.append(
+            regularization.l1_regularization(l1, mask=mask, record_penalty=record_penalties)
+        )
     if not _is_off(l2):
-        parts.append(regularization.l2_regularization(l2, mask=mask))
+        parts.append(
+            regularization.l2_regularization(l2, mask=mask, record_penalty=record_penalties)
+        )
     if name == "momentum":
         parts.append(optax.trace(decay=momentum))
     elif name in ("adam", "adamw"):
@@ -233,7 +241,7 @@ def optimizer_stats(opt_state: Any) -> dict[str, jax.Array]:
       (float32, 1.0 when the last step was skipped) (from :class:`SkipNonfiniteState`; always
       present: all 0 when the chain has no :func:`jaxtricks.skip_nonfinite`, which never skips);
     - ``l1_penalty`` / ``l2_penalty`` (float32): the penalties at the parameters of the last update
-      (present when those tricks are in the chain).
+      (present when those tricks are in the chain with ``record_penalty=True``).
 
     On a skipped step the inner states are kept, so ``learning_rate``, ``grad_norm``, ``clipped``
     and the penalties describe the last *applied* update.
@@ -246,7 +254,8 @@ def optimizer_stats(opt_state: Any) -> dict[str, jax.Array]:
 
     Example:
       >>> import jax.numpy as jnp, jaxtricks
-      >>> tx = jaxtricks.make_optimizer(learning_rate=0.01, l2=0.5, skip_nonfinite=True)
+      >>> tx = jaxtricks.make_optimizer(
+      ...     learning_rate=0.01, l2=0.5, skip_nonfinite=True, record_penalties=True)
       >>> params = jnp.array([1.0, 2.0])
       >>> _, state = tx.update(jnp.zeros(2), tx.init(params), params)
       >>> stats = jaxtricks.optimizer_stats(state)
@@ -272,9 +281,9 @@ def optimizer_stats(opt_state: Any) -> dict[str, jax.Array]:
         stats["skipped"] = jnp.zeros([], jnp.int32)
         stats["consecutive_skipped"] = jnp.zeros([], jnp.int32)
         stats["skipped_step"] = jnp.zeros([], jnp.float32)
-    if (l1 := first(regularization.L1RegularizationState)) is not None:
+    if (l1 := first(regularization.L1RegularizationState)) is not None and l1.penalty is not None:
         stats["l1_penalty"] = l1.penalty
-    if (l2 := first(regularization.L2RegularizationState)) is not None:
+    if (l2 := first(regularization.L2RegularizationState)) is not None and l2.penalty is not None:
         stats["l2_penalty"] = l2.penalty
     return stats
 
@@ -357,7 +366,7 @@ def optimizer_from_config(
 
     The learning rate is :func:`schedule_from_config` unless ``learning_rate`` replaces it;
     ``decay_all=False`` restricts l1, l2 and weight_decay to :func:`jaxtricks.decay_mask`
-    (matrices and embeddings).
+    (matrices and embeddings). The L1 / L2 penalties are recorded (the trainer logs them).
 
     Args:
       cfg: a :class:`jaxtricks.config.OptimizerConfig`.
@@ -392,4 +401,5 @@ def optimizer_from_config(
         weight_decay=cfg.weight_decay,
         mask=None if cfg.decay_all else regularization.decay_mask,
         skip_nonfinite=cfg.skip_nonfinite,
+        record_penalties=True,
     )

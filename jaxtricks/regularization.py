@@ -4,8 +4,12 @@ r"""L1 / L2 regularization and decoupled weight decay as optax gradient transfor
 belong *before* the optimizer's scaling (like adding the penalty to the loss). ``weight_decay`` is
 decoupled (AdamW-style) decay and belongs *after* the scaling, just before the learning rate.
 
-Each transform records, in its state, what a trainer logs: the step count and, for L1/L2, the value
-of the penalty at the parameters of the last update, so nothing has to walk the tree a second time.
+Each transform records, in its state, what a trainer logs: the step count and, for L1/L2 with
+``record_penalty=True``, the value of the penalty at the parameters of the last update, so nothing
+has to walk the tree a second time. Recording is off by default because it costs a pass over the
+parameters per update and, with donated parameters, a copy of each of them (XLA cannot overwrite a
+parameter in place while a reduction that feeds only the state still reads it): 1.2x the cost of
+optax's chain on a GPT-2-small tree (BENCHMARKS.md). Off, ``penalty`` is None.
 
 ``mask`` follows optax's convention: ``None`` (every parameter), a pytree of bools with the
 structure of the params (or a prefix of it), or a callable ``params -> such a pytree``. The bools
@@ -32,14 +36,16 @@ class L1RegularizationState(NamedTuple):
     """Step count and last penalty of :func:`l1_regularization`."""
 
     count: jax.Array  # shape=(), int32: updates done; a strength schedule is evaluated at it
-    penalty: jax.Array  # shape=(), float32: strength * sum |w| at the params of the last update
+    # shape=(), float32: strength * sum |w| at the params of the last update (None unless recorded)
+    penalty: jax.Array | None
 
 
 class L2RegularizationState(NamedTuple):
     """Step count and last penalty of :func:`l2_regularization`."""
 
     count: jax.Array  # shape=(), int32: updates done; a strength schedule is evaluated at it
-    penalty: jax.Array  # shape=(), float32: strength * sum w**2 at the params of the last update
+    # shape=(), float32: strength * sum w**2 at the params of the last update (None unless recorded)
+    penalty: jax.Array | None
 
 
 class WeightDecayState(NamedTuple):
@@ -96,12 +102,16 @@ def _penalty_transform(
     gradient: Callable[[jax.Array, jax.Array], jax.Array],
     penalty: Callable[[jax.Array], jax.Array],
     state_type: type,
+    record_penalty: bool,
 ) -> optax.GradientTransformation:
     """update += gradient(strength, w) on masked leaves; penalty = strength * sum penalty(w)."""
+    if not isinstance(record_penalty, bool | np.bool_):
+        raise ValueError(f"record_penalty must be True or False, got {record_penalty!r}.")
 
     def init_fn(params):
         del params
-        return state_type(count=jnp.zeros([], jnp.int32), penalty=jnp.zeros([], jnp.float32))
+        penalty0 = jnp.zeros([], jnp.float32) if record_penalty else None
+        return state_type(count=jnp.zeros([], jnp.int32), penalty=penalty0)
 
     def update_fn(updates, state, params=None):
         if params is None:
@@ -113,6 +123,8 @@ def _penalty_transform(
             return (g + gradient(s, p).astype(g.dtype)) if m else g
 
         new_updates = jax.tree.map(add, updates, params, mask_tree)
+        if not record_penalty:
+            return new_updates, state_type(count=optax.safe_increment(state.count), penalty=None)
         total = sum(
             (
                 jnp.sum(penalty(p.astype(jnp.promote_types(p.dtype, jnp.float32))))
@@ -129,21 +141,25 @@ def _penalty_transform(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def l1_regularization(strength: Any, *, mask: Mask = None) -> optax.GradientTransformation:
+def l1_regularization(
+    strength: Any, *, mask: Mask = None, record_penalty: bool = False
+) -> optax.GradientTransformation:
     r"""Add the gradient of the L1 penalty ``strength * sum |w|`` to the update.
 
     .. math::
         u \leftarrow u + \lambda \, \mathrm{sign}(w), \qquad
         \text{penalty} = \lambda \sum_i |w_i|
 
-    Put it before the optimizer's scaling (it acts like adding the penalty to the loss). The
-    penalty at the parameters passed to the last ``update`` is in ``state.penalty``. With a schedule
-    as ``strength``, the first update uses ``strength(0)``.
+    Put it before the optimizer's scaling (it acts like adding the penalty to the loss). With
+    ``record_penalty=True`` the penalty at the parameters passed to the last ``update`` is in
+    ``state.penalty``. With a schedule as ``strength``, the first update uses ``strength(0)``.
 
     Args:
       strength: :math:`\lambda \ge 0`, a number or a schedule of the step.
       mask: None (every parameter), a pytree of bools or a callable ``params -> pytree of bools``;
         e.g. :func:`decay_mask`.
+      record_penalty: compute the penalty at every update and keep it in ``state.penalty`` (for
+        logging; costs a pass over the parameters per update). False: ``state.penalty`` is None.
 
     Returns:
       An ``optax.GradientTransformation`` whose state is :class:`L1RegularizationState`; its
@@ -152,7 +168,7 @@ def l1_regularization(strength: Any, *, mask: Mask = None) -> optax.GradientTran
     Example:
       >>> import jax.numpy as jnp, jaxtricks
       >>> params = {"w": jnp.array([2.0, -3.0])}
-      >>> tx = jaxtricks.l1_regularization(0.5)
+      >>> tx = jaxtricks.l1_regularization(0.5, record_penalty=True)
       >>> updates, state = tx.update({"w": jnp.zeros(2)}, tx.init(params), params)
       >>> updates["w"].tolist(), float(state.penalty)
       ([0.5, -0.5], 2.5)
@@ -170,10 +186,13 @@ def l1_regularization(strength: Any, *, mask: Mask = None) -> optax.GradientTran
         gradient=lambda s, w: s * jnp.sign(w),
         penalty=jnp.abs,
         state_type=L1RegularizationState,
+        record_penalty=record_penalty,
     )
 
 
-def l2_regularization(strength: Any, *, mask: Mask = None) -> optax.GradientTransformation:
+def l2_regularization(
+    strength: Any, *, mask: Mask = None, record_penalty: bool = False
+) -> optax.GradientTransformation:
     r"""Add the gradient of the L2 penalty ``strength * sum w**2`` to the update.
 
     .. math::
@@ -182,13 +201,16 @@ def l2_regularization(strength: Any, *, mask: Mask = None) -> optax.GradientTran
     This is the source document's formula (no 1/2 in the penalty), so PyTorch's
     ``SGD(params, lr, weight_decay=wd)``, which adds ``wd * w`` to the gradient, equals
     ``l2_regularization(wd / 2)`` placed after clipping and before the learning rate. Put it before
-    the optimizer's scaling. The penalty at the parameters passed to the last ``update`` is in
-    ``state.penalty``. With a schedule as ``strength``, the first update uses ``strength(0)``.
+    the optimizer's scaling. With ``record_penalty=True`` the penalty at the parameters passed to
+    the last ``update`` is in ``state.penalty``. With a schedule as ``strength``, the first update
+    uses ``strength(0)``.
 
     Args:
       strength: :math:`\lambda \ge 0`, a number or a schedule of the step.
       mask: None (every parameter), a pytree of bools or a callable ``params -> pytree of bools``;
         e.g. :func:`decay_mask`.
+      record_penalty: compute the penalty at every update and keep it in ``state.penalty`` (for
+        logging; costs a pass over the parameters per update). False: ``state.penalty`` is None.
 
     Returns:
       An ``optax.GradientTransformation`` whose state is :class:`L2RegularizationState`; its
@@ -197,7 +219,7 @@ def l2_regularization(strength: Any, *, mask: Mask = None) -> optax.GradientTran
     Example:
       >>> import jax.numpy as jnp, jaxtricks
       >>> params = {"w": jnp.array([2.0, -3.0])}
-      >>> tx = jaxtricks.l2_regularization(0.5)
+      >>> tx = jaxtricks.l2_regularization(0.5, record_penalty=True)
       >>> updates, state = tx.update({"w": jnp.zeros(2)}, tx.init(params), params)
       >>> updates["w"].tolist(), float(state.penalty)
       ([2.0, -3.0], 6.5)
@@ -215,6 +237,7 @@ def l2_regularization(strength: Any, *, mask: Mask = None) -> optax.GradientTran
         gradient=lambda s, w: 2.0 * s * w,
         penalty=jnp.square,
         state_type=L2RegularizationState,
+        record_penalty=record_penalty,
     )
 
 

@@ -201,7 +201,8 @@ def test_chain_order_clip_acts_on_the_raw_gradient_before_l1():
     """update = -lr * (g / max(1, |g| / c) + l1 * sign(w)), computed by hand."""
     params = {"w": jnp.array([[2.0, -1.0]])}
     grads = {"w": jnp.array([[6.0, 8.0]])}  # norm 10
-    tx = jaxtricks.make_optimizer(name="sgd", learning_rate=0.5, clip_norm=2.0, l1=0.1)
+    tx = jaxtricks.make_optimizer(name="sgd", learning_rate=0.5, clip_norm=2.0, l1=0.1,
+                                  record_penalties=True)
     updates, state = tx.update(grads, tx.init(params), params)
     np.testing.assert_allclose(updates["w"], -0.5 * np.array([[1.2 + 0.1, 1.6 - 0.1]]), rtol=1e-6)
     stats = jaxtricks.optimizer_stats(state)
@@ -237,7 +238,7 @@ def test_optimizer_stats_under_jit_reads_every_state():
     lr = jaxtricks.linear_warmup(1.0, 4)
     tx = jaxtricks.make_optimizer(name="sgd", learning_rate=lr, clip_norm=1.0, l1=0.5, l2=0.25,
                                   weight_decay=0.1, mask=jaxtricks.decay_mask,
-                                  skip_nonfinite=True)
+                                  skip_nonfinite=True, record_penalties=True)
 
     @jax.jit
     def step(params, state, grads):
@@ -278,10 +279,15 @@ def test_optimizer_stats_without_clipping_still_has_the_norm():
     stats = jaxtricks.optimizer_stats(state)
     assert float(stats["grad_norm"]) == pytest.approx(50.0) and float(stats["clipped"]) == 0.0
     assert int(stats["skipped"]) == 0 and "l1_penalty" not in stats
+    # In the chain but not recorded (make_optimizer's default): no penalty keys either.
+    tx = jaxtricks.make_optimizer(name="adam", l1=0.1, l2=0.1)
+    _, state = tx.update({"w": jnp.array([30.0, 40.0])}, tx.init(params), params)
+    assert not {"l1_penalty", "l2_penalty"} & set(jaxtricks.optimizer_stats(state))
 
 
 def test_optimizer_stats_finds_states_in_a_users_own_chain():
-    tx = optax.chain(optax.masked(jaxtricks.l1_regularization(0.5), {"w": True, "b": False}),
+    l1 = jaxtricks.l1_regularization(0.5, record_penalty=True)
+    tx = optax.chain(optax.masked(l1, {"w": True, "b": False}),
                      jaxtricks.clip_by_global_norm(10.0), optax.adam(0.1))
     params = {"w": jnp.array([1.0, -2.0]), "b": jnp.array([5.0])}
     _, state = tx.update({"w": jnp.ones(2), "b": jnp.ones(1)}, tx.init(params), params)
@@ -297,7 +303,7 @@ def test_flax_nnx_parameters_with_decay_mask():
     _, params = nnx.split(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), nnx.Param)
     params = jax.tree.map(lambda p: p + 0.5, params)  # a non-zero bias, to see it is masked out
     tx = jaxtricks.make_optimizer(name="sgd", learning_rate=1.0, l1=0.1,
-                                  mask=jaxtricks.decay_mask)
+                                  mask=jaxtricks.decay_mask, record_penalties=True)
     grads = jax.tree.map(jnp.zeros_like, params)
     updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
     np.testing.assert_allclose(updates["kernel"][...], -0.1 * np.sign(params["kernel"][...]))

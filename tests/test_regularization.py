@@ -60,7 +60,7 @@ def assert_tree_close(a, b, **kw):
 )
 def test_penalty_gradient_and_value_match_jax_grad(factory, penalty, mask, mask_tree):
     params, grads, strength = make_params(), make_grads(make_params()), 0.3
-    tx = factory(strength, mask=mask)
+    tx = factory(strength, mask=mask, record_penalty=True)
     updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
     penalty_grad = jax.grad(penalty)(params, strength, mask_tree)
     assert_tree_close(updates, jax.tree.map(jnp.add, grads, penalty_grad), rtol=1e-6, atol=1e-6)
@@ -75,17 +75,32 @@ def test_l1_and_l2_closed_forms():
     """The documented formulas, with numbers worked out by hand."""
     params = {"w": jnp.array([[2.0, -3.0], [0.0, 0.5]])}
     grads = {"w": jnp.ones((2, 2))}
-    u1, s1 = jaxtricks.l1_regularization(0.1).update(grads, _init(0.1, "l1"), params)
+    l1 = jaxtricks.l1_regularization(0.1, record_penalty=True)
+    u1, s1 = l1.update(grads, l1.init(params), params)
     np.testing.assert_allclose(u1["w"], [[1.1, 0.9], [1.0, 1.1]], rtol=1e-6)
     np.testing.assert_allclose(s1.penalty, 0.1 * 5.5, rtol=1e-6)
-    u2, s2 = jaxtricks.l2_regularization(0.1).update(grads, _init(0.1, "l2"), params)
+    l2 = jaxtricks.l2_regularization(0.1, record_penalty=True)
+    u2, s2 = l2.update(grads, l2.init(params), params)
     np.testing.assert_allclose(u2["w"], [[1.4, 0.4], [1.0, 1.1]], rtol=1e-6)
     np.testing.assert_allclose(s2.penalty, 0.1 * (4 + 9 + 0 + 0.25), rtol=1e-6)
 
 
-def _init(strength, kind):
-    factory = {"l1": jaxtricks.l1_regularization, "l2": jaxtricks.l2_regularization}[kind]
-    return factory(strength).init(None)
+@pytest.mark.parametrize("factory", [jaxtricks.l1_regularization, jaxtricks.l2_regularization],
+                         ids=["l1", "l2"])
+def test_penalty_is_not_recorded_by_default(factory):
+    """Off by default: the same updates, penalty None, and no reduction in the compiled update."""
+    params, grads = make_params(), make_grads(make_params())
+    off, on = factory(0.3), factory(0.3, record_penalty=True)
+    u_off, s_off = jax.jit(off.update)(grads, off.init(params), params)
+    u_on, s_on = jax.jit(on.update)(grads, on.init(params), params)
+    assert s_off.penalty is None and off.init(params).penalty is None and int(s_off.count) == 1
+    assert float(s_on.penalty) > 0
+    jax.tree.map(np.testing.assert_array_equal, u_off, u_on)
+    hlo = jax.jit(off.update).lower(grads, off.init(params), params).as_text()
+    assert "reduce" not in hlo
+    assert "reduce" in jax.jit(on.update).lower(grads, on.init(params), params).as_text()
+    with pytest.raises(ValueError, match="record_penalty must be True or False"):
+        factory(0.3, record_penalty="yes")
 
 
 def test_pytorch_sgd_weight_decay_is_l2_of_half_the_rate():
@@ -105,7 +120,7 @@ def test_schedule_as_strength_uses_the_count_before_the_update():
         (jaxtricks.l2_regularization, lambda s: 2 * s * np.array([[1.0, -2.0]]), lambda s: 5 * s),
         (jaxtricks.weight_decay, lambda s: s * np.array([[1.0, -2.0]]), None),
     ]:
-        tx = factory(strength)
+        tx = factory(strength, record_penalty=True) if penalty_of else factory(strength)
         update = jax.jit(tx.update)
         state = tx.init(params)
         for t in range(3):
@@ -193,10 +208,11 @@ def test_bad_strength_raises_value_error(factory, bad):
 def test_bf16_gradients_stay_bf16(factory, param_dtype):
     params = jax.tree.map(lambda p: p.astype(param_dtype), make_params())
     grads = jax.tree.map(lambda g: g.astype(jnp.bfloat16), make_grads(make_params()))
-    tx = factory(0.1, mask=jaxtricks.decay_mask)
+    record = {} if factory is jaxtricks.weight_decay else {"record_penalty": True}
+    tx = factory(0.1, mask=jaxtricks.decay_mask, **record)
     updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
     assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(updates))
-    if hasattr(state, "penalty"):
+    if record:
         assert state.penalty.dtype == jnp.float32 and np.isfinite(state.penalty)
 
 
@@ -226,7 +242,7 @@ def test_no_recompilation_on_the_second_update(factory, strength):
 def test_works_inside_optax_masked_too():
     """Wrapped by optax.masked the state nests, and the penalty covers the unmasked leaves only."""
     params, grads = make_params(), make_grads(make_params())
-    tx = optax.masked(jaxtricks.l2_regularization(0.2), jaxtricks.decay_mask)
+    tx = optax.masked(jaxtricks.l2_regularization(0.2, record_penalty=True), jaxtricks.decay_mask)
     updates, state = tx.update(grads, tx.init(params), params)
     np.testing.assert_allclose(state.inner_state.penalty, l2_penalty(params, 0.2, MATRICES),
                                rtol=1e-6)
