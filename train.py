@@ -23,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     # Imported after parsing so that --help is instant.
+    from jaxtricks.step import tune_host_malloc
+
+    tune_host_malloc()  # before JAX starts its CPU threads: 23% of a CPU step (BENCHMARKS.md)
+
     from jaxtricks import config as config_lib
     from jaxtricks import training
     from jaxtricks.checkpoint import CheckpointError

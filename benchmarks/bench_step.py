@@ -48,13 +48,9 @@ MODELS = {
 }
 QUICK_MODELS = {"quick": (dict(num_layers=1, d_model=32, num_heads=2, d_ff=128), 4, 16)}
 TOTAL_STEPS = 10_000  # length of the cosine schedule of both optimizers (no effect on speed)
-# XLA:CPU allocates each step's temporary buffers (hundreds of MB) in one block from the thread's
-# malloc arena; glibc serves such a block with mmap and unmaps it on free, so every step
-# page-faults all of it in again (the kernel zeroes each page). One arena (brk heap), no mmap and no
-# trimming keep the block mapped from one step to the next. Read by glibc at process start.
-MALLOC_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
-                   "glibc.malloc.trim_threshold=1000000000000")
-JAX_KEPT = "JAX, glibc keeps buffers"
+# The JAX worker calls jaxtricks.step.tune_host_malloc() as train.py does; the "JAX, glibc malloc"
+# worker (--malloc-variant) is the same step with glibc's malloc left at its defaults.
+JAX_PLAIN_MALLOC = "JAX, glibc malloc"
 
 
 def default_optimizer() -> dict:
@@ -98,6 +94,9 @@ class JaxBench:
     """jaxtricks' own train step (make_steps), as ``training.run`` builds it."""
 
     def __init__(self, spec: dict | None = None):
+        from jaxtricks.step import tune_host_malloc
+
+        tune_host_malloc()  # as train.py does, before JAX starts its threads
         import jax
 
         jax.devices()  # start the backend before taking the memory baseline
@@ -433,11 +432,11 @@ def _steps_per_block(step_s: float, block_s: float) -> int:
 
 def _start_workers(spec: dict | None, with_torch: bool, malloc_variant: bool = False
                    ) -> tuple[dict, dict]:
-    """A JAX, (maybe) a JAX-with-MALLOC_TUNABLES and (maybe) a PyTorch worker, started one after
+    """A JAX, (maybe) a JAX-with-glibc's-malloc and (maybe) a PyTorch worker, started one after
     the other so that each one's compile / first step is timed without another starting up."""
     kinds = [("JAX", JaxBench, None)]
     if malloc_variant:
-        kinds.append((JAX_KEPT, JaxBench, {"GLIBC_TUNABLES": MALLOC_TUNABLES}))
+        kinds.append((JAX_PLAIN_MALLOC, JaxBench, {"JAXTRICKS_HOST_MALLOC": "default"}))
     if with_torch:
         kinds.append(("PyTorch", TorchBench, None))
     workers, info = {}, {}
@@ -607,8 +606,8 @@ def main(argv=None) -> None:
                         help=f"comma-separated from {', '.join(MODELS)}, default")
     parser.add_argument("--no-torch", action="store_true", help="JAX only")
     parser.add_argument("--no-malloc-variant", dest="malloc_variant", action="store_false",
-                        help=f"leave out the '{JAX_KEPT}' row (JAX with GLIBC_TUNABLES="
-                             f"{MALLOC_TUNABLES})")
+                        help=f"leave out the '{JAX_PLAIN_MALLOC}' row (JAX without "
+                             "tune_host_malloc)")
     parser.add_argument("--reps", type=int, default=5, help="interleaved A/B repetitions")
     parser.add_argument("--scaling-reps", type=int, default=3)
     parser.add_argument("--block-seconds", type=float, default=2.0,
@@ -652,8 +651,9 @@ def main(argv=None) -> None:
           f"{o['clip_norm']}, {o['schedule']} schedule, skip_nonfinite {o['skip_nonfinite']} "
           "(JAX only)")
     if args.malloc_variant and args.sections & {"step", "breakdown"}:
-        print(f"'{JAX_KEPT}': the same JAX step in a process started with "
-              f"GLIBC_TUNABLES={MALLOC_TUNABLES} (the fix proposed in BENCHMARKS.md)")
+        print(f"'JAX' calls jaxtricks.step.tune_host_malloc() first, as train.py does; "
+              f"'{JAX_PLAIN_MALLOC}': the same step with JAXTRICKS_HOST_MALLOC=default "
+              "(glibc's malloc as it is)")
     print(f"medians of {args.reps} interleaved A/B blocks (blocks during which other processes "
           f"used >= {args.max_others:.0%} of the CPUs are set aside and rerun, up to "
           f"{3 * args.reps} rounds); synthetic random tokens\n")

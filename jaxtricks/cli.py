@@ -81,6 +81,9 @@ def _default_workdir(config_path: str | None) -> Path:
 
 
 def cmd_lr_find(args) -> int:
+    from jaxtricks.step import tune_host_malloc
+
+    tune_host_malloc()  # before JAX starts its threads, as train.py does
     from jaxtricks import config as config_lib
     from jaxtricks import lr_find, plots, training
 

@@ -60,7 +60,7 @@ def _positive(cell: str) -> float:
 def test_bench_step_quick_prints_every_table():
     out = _run("bench_step.py", "--quick").stdout
 
-    frameworks = ["JAX", bench_step.JAX_KEPT] + (["PyTorch"] if HAS_TORCH else [])
+    frameworks = ["JAX", bench_step.JAX_PLAIN_MALLOC] + (["PyTorch"] if HAS_TORCH else [])
     step_rows = [r for r in _rows(out, "quick") if r[3] in frameworks]
     assert [r[3] for r in step_rows] == frameworks
     for r in step_rows:

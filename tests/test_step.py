@@ -109,3 +109,48 @@ def test_pmap_on_8_cpu_devices_equals_single_device():
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "losses" in out.stdout
+
+
+HOST_MALLOC_PROBE = textwrap.dedent("""
+    import ctypes, sys, threading
+    from jaxtricks.step import tune_host_malloc
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+            "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = MallInfo2
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    applied = tune_host_malloc()
+    seen = {}
+
+    def big_block():  # from a fresh thread, as XLA's workers allocate
+        before = libc.mallinfo2()
+        block = libc.malloc(256 << 20)
+        seen["mmapped"] = libc.mallinfo2().hblks - before.hblks
+        libc.free(block)
+        seen["heap_kept"] = libc.mallinfo2().arena - before.arena >= 256 << 20
+
+    thread = threading.Thread(target=big_block)
+    thread.start()
+    thread.join()
+    print(applied, seen["mmapped"], seen["heap_kept"])
+""")
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
+    reason="glibc only",
+)
+@pytest.mark.parametrize(
+    "env, expected", [({}, "True 0 True"), ({"JAXTRICKS_HOST_MALLOC": "default"}, "False 1 False")]
+)
+def test_tune_host_malloc_keeps_big_blocks_mapped(env, expected):
+    """After tune_host_malloc a 256 MiB block from a new thread comes from the heap (not mmap) and
+    stays mapped after free; with JAXTRICKS_HOST_MALLOC=default glibc mmaps and unmaps it."""
+    result = subprocess.run([sys.executable, "-c", HOST_MALLOC_PROBE], capture_output=True,
+                            text=True, env={**os.environ, **env}, check=True, timeout=120)
+    assert result.stdout.split() == expected.split()
