@@ -120,8 +120,57 @@ def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype))
 
 
+@jax.custom_vjp
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
+    r"""LayerNorm over the last axis, with a hand-written backward pass.
+
+    .. math::
+        \hat x = (x - \mu) / \sqrt{\sigma^2 + \epsilon}, \qquad y = \hat x \, s + b
+
+    The backward pass is the closed form PyTorch and Apex use,
+    :math:`dx = (g - \overline{g} - \hat x \, \overline{g \hat x}) / \sqrt{\sigma^2 + \epsilon}`
+    with :math:`g = dy \, s` (bars: means over the last axis), from :math:`\hat x` and the inverse
+    standard deviation saved by the forward pass. Autodiff of the forward pass gave XLA:CPU a
+    backward that recomputed the statistics inside several large fusions: with this one the CPU
+    train step ran 1.1x to 1.25x faster and needed 12% less scratch memory (BENCHMARKS.md). Only
+    first derivatives are defined (``jax.custom_vjp``).
+
+    Args:
+      x: ``(..., features)``; computed in its dtype (the model passes float32).
+      scale: ``(features,)``.
+      bias: ``(features,)``.
+
+    Returns:
+      ``y``, shaped and typed as ``x``.
+    """
+    return _layer_norm_forward(x, scale, bias)[0]
+
+
+def _layer_norm_forward(x, scale, bias):
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    centered = x - mean
+    inv_std = jax.lax.rsqrt(jnp.mean(jnp.square(centered), axis=-1, keepdims=True) + NORM_EPS)
+    x_hat = centered * inv_std
+    return x_hat * scale + bias, (x_hat, inv_std, scale)
+
+
+def _layer_norm_backward(saved, dy):
+    x_hat, inv_std, scale = saved
+    g = dy * scale
+    dx = inv_std * (
+        g - jnp.mean(g, axis=-1, keepdims=True)
+        - x_hat * jnp.mean(g * x_hat, axis=-1, keepdims=True)
+    )
+    leading = tuple(range(dy.ndim - 1))
+    return dx, jnp.sum(dy * x_hat, axis=leading), jnp.sum(dy, axis=leading)
+
+
+layer_norm.defvjp(_layer_norm_forward, _layer_norm_backward)
+
+
 class LayerNorm(nnx.Module):
-    """LayerNorm computed in float32 in one pass (E[x^2] - E[x]^2); output in ``dtype``."""
+    """:func:`layer_norm` computed in float32 (two passes: mean, then variance); output in
+    ``dtype``."""
 
     def __init__(self, features: int, dtype):
         self.scale = nnx.Param(jnp.ones((features,), jnp.float32))
@@ -129,11 +178,8 @@ class LayerNorm(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.astype(jnp.float32)
-        mean = jnp.mean(x, axis=-1, keepdims=True)
-        var = jnp.maximum(jnp.mean(jnp.square(x), axis=-1, keepdims=True) - jnp.square(mean), 0.0)
-        y = (x - mean) * jax.lax.rsqrt(var + NORM_EPS)
-        return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+        y = layer_norm(x.astype(jnp.float32), self.scale[...], self.bias[...])
+        return y.astype(self.dtype)
 
 
 def _linear(features_in: int, features_out: int, std: float, dtype, rngs: nnx.Rngs) -> nnx.Linear:

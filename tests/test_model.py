@@ -124,6 +124,33 @@ def test_causal(model):
     assert float(jnp.abs(a[:, t:] - b[:, t:]).max()) > 1e-4  # ...but later positions do see it
 
 
+@pytest.mark.parametrize("shape", [(5, 16), (2, 3, 16)])
+def test_layer_norm_gradients_equal_autodiff_of_the_formula(shape):
+    """The hand-written backward pass against jax.grad of the textbook LayerNorm."""
+    from jaxtricks.model import NORM_EPS, layer_norm
+
+    def textbook(x, scale, bias):
+        mean = x.mean(-1, keepdims=True)
+        var = ((x - mean) ** 2).mean(-1, keepdims=True)
+        return (x - mean) / jnp.sqrt(var + NORM_EPS) * scale + bias
+
+    keys = jax.random.split(jax.random.key(0), 4)
+    x = 3.0 * jax.random.normal(keys[0], shape) + 1.0
+    scale, bias = jax.random.normal(keys[1], (2, shape[-1]))
+    weights = jax.random.normal(keys[2], shape)  # a loss that weighs every output differently
+
+    def grads(norm):
+        return jax.grad(lambda *a: jnp.sum(jnp.sin(norm(*a)) * weights), argnums=(0, 1, 2))(
+            x, scale, bias)
+
+    np.testing.assert_allclose(layer_norm(x, scale, bias), textbook(x, scale, bias), atol=1e-5)
+    for ours, theirs in zip(grads(layer_norm), grads(textbook), strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+    from jax.test_util import check_grads
+
+    check_grads(layer_norm, (x, scale, bias), order=1, modes=["rev"], atol=1e-2)
+
+
 def test_explicit_positions():
     tokens = _tokens(2, 12)
     shifted = jnp.arange(12) + 4
