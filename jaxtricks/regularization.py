@@ -8,8 +8,8 @@ Each transform records, in its state, what a trainer logs: the step count and, f
 ``record_penalty=True``, the value of the penalty at the parameters of the last update, so nothing
 has to walk the tree a second time. Recording is off by default because it costs a pass over the
 parameters per update and, with donated parameters, a copy of each of them (XLA cannot overwrite a
-parameter in place while a reduction that feeds only the state still reads it): 1.2x the cost of
-optax's chain on a GPT-2-small tree (BENCHMARKS.md). Off, ``penalty`` is None.
+parameter in place while a reduction that feeds only the state still reads it): 1.2x-1.3x the cost
+of optax's chain on a GPT-2-small tree (BENCHMARKS.md). Off, ``penalty`` is None.
 
 ``mask`` follows optax's convention: ``None`` (every parameter), a pytree of bools with the
 structure of the params (or a prefix of it), or a callable ``params -> such a pytree``. The bools
