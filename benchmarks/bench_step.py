@@ -32,7 +32,6 @@ import math
 import os
 import sys
 import time
-from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import OthersShare, Worker, markdown_table, max_rss_mb, median  # noqa: E402
@@ -420,10 +419,9 @@ def _clean(blocks: list, max_others: float) -> list:
     return [v for v, share in blocks if share is None or share < max_others]
 
 
-def _median_clean(blocks: list, max_others: float) -> tuple[Any, int]:
-    """Median of the clean blocks (of all of them when none is clean), and how many were clean."""
-    clean = _clean(blocks, max_others)
-    return median(clean or [v for v, _ in blocks]), len(clean)
+def _usable(blocks: list, max_others: float) -> list:
+    """The clean blocks' values, or every block's when none is clean."""
+    return _clean(blocks, max_others) or [v for v, _ in blocks]
 
 
 def _steps_per_block(step_s: float, block_s: float) -> int:
@@ -491,11 +489,9 @@ def section_step(args, models: dict, with_torch: bool) -> str:
 
         step_s, kept = {}, {}
         for name, blocks in timings.items():
-            clean = _clean(blocks, args.max_others) or [v for v, _ in blocks]
-            step_s[name] = median([t for t, _ in clean])
+            step_s[name] = median([t for t, _ in _usable(blocks, args.max_others)])
             kept[name] = f"{len(_clean(blocks, args.max_others))}/{len(blocks)}"
-        all_blocks = [v for blocks in timings.values() for v in
-                      (_clean(blocks, args.max_others) or [v for v, _ in blocks])]
+        all_blocks = [v for blocks in timings.values() for v in _usable(blocks, args.max_others)]
         peak = 2 * args.matmul**3 / median([mm for _, mm in all_blocks])
         notes.append(
             f"{label}: {args.matmul}x{args.matmul} @ {args.matmul}x{args.matmul} float32 matmul, "
@@ -538,8 +534,7 @@ def section_step(args, models: dict, with_torch: bool) -> str:
 def _breakdown_rows(label: str, parts: dict, max_others: float) -> list[list[str]]:
     rows = []
     for phase in ("forward", "backward", "optimizer", "step"):
-        ms = {name: median([p[phase] for p in (_clean(blocks, max_others) or
-                                                [v for v, _ in blocks])])
+        ms = {name: median([p[phase] for p in _usable(blocks, max_others)])
               for name, blocks in parts.items()}
         row = [label, phase] + [f"{value:.1f}" for value in ms.values()]
         if "PyTorch" in ms:
@@ -576,7 +571,7 @@ def section_scaling(args, base: tuple[dict, int, int], with_torch: bool) -> str:
                     return seconds / per_block[name], share
 
                 times = _interleaved(workers, one, args.scaling_reps, args.max_others)
-                step = {name: _median_clean(ts, args.max_others)[0] for name, ts in times.items()}
+                step = {name: median(_usable(ts, args.max_others)) for name, ts in times.items()}
                 ref = ref or step
                 row = [label, f"{spec['batch']}x{spec['seq']}"]
                 for name in workers:
