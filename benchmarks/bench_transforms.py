@@ -31,7 +31,6 @@ import math
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -43,6 +42,9 @@ import numpy as np
 import optax
 
 import jaxtricks
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import cpu_model  # noqa: E402
 
 try:  # optional: the PyTorch rows
     import torch
@@ -391,15 +393,6 @@ def print_table(results: list[Result], reference: str, *, per_leaf: int | None =
 
 
 def machine_header(argv: list[str]) -> None:
-    model = "unknown"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        lines = out.splitlines()
-        model = next(
-            line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name")
-        )
-    except (OSError, StopIteration):
-        model = platform.processor() or "unknown"
     versions = (
         f"python {platform.python_version()}, jax {jax.__version__}, "
         f"jaxlib {jax.lib.__version__ if hasattr(jax.lib, '__version__') else '?'}, "
@@ -412,7 +405,7 @@ def machine_header(argv: list[str]) -> None:
     )
     print(f"- command: `{' '.join(['python', *argv])}`")
     print(f"- date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}")
-    print(f"- machine: {model}, {os.cpu_count()} CPU cores, JAX devices: {jax.devices()}")
+    print(f"- machine: {cpu_model()}, {os.cpu_count()} CPU cores, JAX devices: {jax.devices()}")
     print(f"- versions: {versions}")
     policy = os.environ.get(
         "OMP_WAIT_POLICY", "unset (libgomp's default: spin a while, then sleep)"
