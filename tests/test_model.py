@@ -151,6 +151,46 @@ def test_layer_norm_gradients_equal_autodiff_of_the_formula(shape):
     check_grads(layer_norm, (x, scale, bias), order=1, modes=["rev"], atol=1e-2)
 
 
+def test_matmul_2d_equals_einsum_with_gradients():
+    from jax.test_util import check_grads
+
+    from jaxtricks.model import matmul_2d
+
+    x = jax.random.normal(jax.random.key(0), (2, 3, 8))
+    kernel = jax.random.normal(jax.random.key(1), (8, 5))
+    np.testing.assert_allclose(matmul_2d(x, kernel), jnp.einsum("bsi,ij->bsj", x, kernel),
+                               rtol=1e-6, atol=1e-6)
+
+    def loss(f):
+        return lambda x, kernel: jnp.sum(jnp.sin(f(x, kernel)))
+
+    ours = jax.grad(loss(matmul_2d), argnums=(0, 1))(x, kernel)
+    theirs = jax.grad(loss(lambda x, k: jnp.einsum("bsi,ij->bsj", x, k)), argnums=(0, 1))(x, kernel)
+    for a, b in zip(ours, theirs, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    check_grads(matmul_2d, (x, kernel), order=1, modes=["rev"], atol=1e-2)
+
+
+def test_every_matmul_of_the_backward_pass_contracts_one_axis(model):
+    """The linear layers and the output layer flatten (batch, seq) first: the kernels' gradients
+    are plain 2-D matmuls, not contractions over two axes (slower on XLA:CPU, BENCHMARKS.md)."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tokens = _tokens(2, 12)
+
+    def loss(params):
+        logits = nnx.merge(graphdef, params, rest)(tokens)
+        return jnp.mean(logits**2)
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(params)
+    # Without batch axes: the linear layers' and the output layer's (attention's have batch axes).
+    contracted = [contract for contract, batch in (
+        e.params["dimension_numbers"] for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"
+    ) if batch == ((), ())]
+    # forward, input gradient and kernel gradient of 4 linear layers per block and the output layer
+    assert len(contracted) == 3 * (4 * TINY.num_layers + 1)
+    assert all(len(lhs) == len(rhs) == 1 for lhs, rhs in contracted), contracted
+
+
 def test_explicit_positions():
     tokens = _tokens(2, 12)
     shifted = jnp.arange(12) + 4
