@@ -34,6 +34,10 @@ class ModelConfig:
     dropout: float = 0.0
     position: Literal["learned", "rope"] = "learned"
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; parameters stay float32
+    # Causal attention over the whole sequence in this many query blocks, each attending only to
+    # the keys up to its end (the masked blocks above the diagonal are never computed); 1 = one
+    # call over the whole sequence (what cuDNN's fused kernel replaces on a GPU).
+    attention_blocks: int = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,7 +254,8 @@ def validate(c: Config) -> None:
     for key, value in [
         ("model.vocab_size", m.vocab_size), ("model.num_layers", m.num_layers),
         ("model.d_model", m.d_model), ("model.num_heads", m.num_heads), ("model.d_ff", m.d_ff),
-        ("model.max_seq_len", m.max_seq_len), ("data.seq_len", d.seq_len),
+        ("model.max_seq_len", m.max_seq_len), ("model.attention_blocks", m.attention_blocks),
+        ("data.seq_len", d.seq_len),
         ("train.steps", t.steps), ("train.batch_size", t.batch_size),
         ("train.log_every", t.log_every), ("train.eval_every", t.eval_every),
         ("train.eval_batches", t.eval_batches), ("train.checkpoint_every", t.checkpoint_every),

@@ -57,6 +57,8 @@ def test_round_trip_through_dict():
         (["data.seq_len=4096"], "data.seq_len=4096 is out of range; allowed: <= model.max_seq_len"),
         (["model.d_model=190"], "a multiple of model.num_heads=4"),
         (["model.dropout=1.5"], "model.dropout=1.5 is out of range"),
+        (["model.attention_blocks=0"],
+         "model.attention_blocks=0 is out of range; allowed: an integer >= 1"),
         (["data.source=text"], "data.path='' is out of range; allowed: a file, folder or glob"),
         (["parallelism=tpu"], "parallelism='tpu' is not allowed; choose one of auto, single, pmap"),
         (["train.log_every=true"], "train.log_every=True must be an integer"),

@@ -191,6 +191,40 @@ def test_every_matmul_of_the_backward_pass_contracts_one_axis(model):
     assert all(len(lhs) == len(rhs) == 1 for lhs, rhs in contracted), contracted
 
 
+@pytest.mark.parametrize("seq, num_blocks", [(16, 4), (10, 3), (12, 2), (7, 4), (16, 1)])
+def test_blocked_causal_attention_equals_one_call(seq, num_blocks):
+    """Query blocks that skip the masked keys give the one-call causal attention and its
+    gradients, also for blocks of unequal size; too short a sequence falls back to one call."""
+    from jaxtricks.model import causal_attention
+
+    q, k, v, weights = jax.random.normal(jax.random.key(0), (4, 2, seq, 3, 8))
+
+    def one_call(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+
+    def blocked(q, k, v):
+        return causal_attention(q, k, v, num_blocks)
+
+    np.testing.assert_allclose(jax.jit(blocked)(q, k, v), jax.jit(one_call)(q, k, v),
+                               rtol=1e-5, atol=1e-6)
+
+    def grads(f):
+        return jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * weights), argnums=(0, 1, 2)))(q, k, v)
+
+    for ours, theirs in zip(grads(blocked), grads(one_call), strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+    calls = str(jax.make_jaxpr(blocked)(q, k, v)).count("dot_general") // 2  # q.k and p.v
+    assert calls == (num_blocks if seq >= 2 * num_blocks else 1)
+
+
+def test_attention_blocks_do_not_change_the_model():
+    tokens = _tokens(2, 16)
+    one = _model(attention_blocks=1)
+    graphdef, params = nnx.split(one)
+    blocked = nnx.merge(nnx.graphdef(_model(attention_blocks=4)), params)
+    np.testing.assert_allclose(forward(blocked, tokens), forward(one, tokens), rtol=1e-5, atol=1e-5)
+
+
 def test_explicit_positions():
     tokens = _tokens(2, 12)
     shifted = jnp.arange(12) + 4
