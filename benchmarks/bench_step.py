@@ -15,18 +15,21 @@ the same interleaved loop. Synthetic random tokens, one batch placed on the devi
 
 Sections (``--sections``):
   step      tokens/s, GFLOP/s, share of the matmul peak, compile time and peak memory for the tiny
-            default model and a ~10M-parameter model, JAX vs PyTorch;
+            default model and a ~10M-parameter model, JAX vs PyTorch, and the "JAX, <variant>"
+            rows: the JAX step with one of its CPU speed-ups undone (``--variants``), so that
+            each fix's gain is measured in the same run;
   breakdown forward / backward / optimizer time of each framework (same models);
   scaling   step time vs sequence length (fixed 4,096 tokens per batch) and vs width.
 
 Usage:
-  python benchmarks/bench_step.py                 # all sections, a few minutes
+  python benchmarks/bench_step.py                 # all sections, about 20 minutes
   python benchmarks/bench_step.py --quick         # a tiny smoke run (seconds), as in the tests
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import math
 import os
@@ -47,9 +50,40 @@ MODELS = {
 }
 QUICK_MODELS = {"quick": (dict(num_layers=1, d_model=32, num_heads=2, d_ff=128), 4, 16)}
 TOTAL_STEPS = 10_000  # length of the cosine schedule of both optimizers (no effect on speed)
-# The JAX worker calls jaxtricks.step.tune_host_malloc() as train.py does; the "JAX, glibc malloc"
-# worker (--malloc-variant) is the same step with glibc's malloc left at its defaults.
-JAX_PLAIN_MALLOC = "JAX, glibc malloc"
+# "JAX" is the step as train.py runs it. Each variant ("JAX, <name>" rows, --variants) is the same
+# step with one of the CPU speed-ups of BENCHMARKS.md undone, measured in the same interleaved run:
+# the ratio of their step times is what that fix gives.
+VARIANTS = {
+    "glibc malloc": "without jaxtricks.step.tune_host_malloc() (glibc's malloc as it is)",
+    "autodiff LayerNorm": "LayerNorm as before its hand-written backward: one pass, autodiff",
+    "3-D matmuls": "linear layers contracting over (batch, seq) instead of one merged axis",
+    "one attention call": "model.attention_blocks=1: no query blocks",
+}
+
+
+def _undo(variant: str) -> None:
+    """Put back, in this worker process, what ``variant`` names (see ``VARIANTS``)."""
+    import jax
+    import jax.numpy as jnp
+
+    import jaxtricks.model as model
+
+    if variant == "autodiff LayerNorm":  # jaxtricks' LayerNorm before commit baec7f7
+
+        def layer_norm(x, scale, bias):
+            mean = jnp.mean(x, axis=-1, keepdims=True)
+            var = jnp.maximum(jnp.mean(jnp.square(x), axis=-1, keepdims=True) - mean**2, 0.0)
+            return (x - mean) * jax.lax.rsqrt(var + model.NORM_EPS) * scale + bias
+
+        model.layer_norm = layer_norm
+    elif variant == "3-D matmuls":  # nnx.Linear's own dot_general, before commit 96a8ff1
+
+        def matmul(x, kernel, **kwargs):
+            return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), **kwargs)
+
+        model.matmul_2d = matmul
+    elif variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
 
 
 def default_optimizer() -> dict:
@@ -90,12 +124,17 @@ def _tokens(spec: dict):
 
 
 class JaxBench:
-    """jaxtricks' own train step (make_steps), as ``training.run`` builds it."""
+    """jaxtricks' own train step (make_steps), as ``training.run`` builds it; with ``variant``,
+    that step with one speed-up undone (``VARIANTS``)."""
 
-    def __init__(self, spec: dict | None = None):
+    def __init__(self, spec: dict | None = None, variant: str | None = None):
         from jaxtricks.step import tune_host_malloc
 
-        tune_host_malloc()  # as train.py does, before JAX starts its threads
+        if variant != "glibc malloc":
+            tune_host_malloc()  # as train.py does, before JAX starts its threads
+        if variant is not None:
+            _undo(variant)
+        self.variant = variant
         import jax
 
         jax.devices()  # start the backend before taking the memory baseline
@@ -108,6 +147,8 @@ class JaxBench:
             self.load(spec)
 
     def load(self, spec: dict) -> dict:
+        import dataclasses
+
         import jax
         import jax.numpy as jnp
         from flax import nnx
@@ -120,6 +161,8 @@ class JaxBench:
         self.state = self.steps = self._parts = None
         jax.clear_caches()
         cfg = ModelConfig(**spec["model"])
+        if self.variant == "one attention call":
+            cfg = dataclasses.replace(cfg, attention_blocks=1)
         model = Transformer(cfg, rngs=nnx.Rngs(0))
         self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
         self.optimizer = optimizer_from_config(OptimizerConfig(**spec["optimizer"]), TOTAL_STEPS)
@@ -428,19 +471,18 @@ def _steps_per_block(step_s: float, block_s: float) -> int:
     return max(1, round(block_s / max(step_s, 1e-6)))
 
 
-def _start_workers(spec: dict | None, with_torch: bool, malloc_variant: bool = False
+def _start_workers(spec: dict | None, with_torch: bool, variants: tuple[str, ...] = ()
                    ) -> tuple[dict, dict]:
-    """A JAX, (maybe) a JAX-with-glibc's-malloc and (maybe) a PyTorch worker, started one after
-    the other so that each one's compile / first step is timed without another starting up."""
-    kinds = [("JAX", JaxBench, None)]
-    if malloc_variant:
-        kinds.append((JAX_PLAIN_MALLOC, JaxBench, {"JAXTRICKS_HOST_MALLOC": "default"}))
+    """A JAX worker, one per variant and (maybe) a PyTorch worker, started one after the other
+    so that each one's compile / first step is timed without another starting up."""
+    kinds = [("JAX", JaxBench)]
+    kinds += [(f"JAX, {v}", functools.partial(JaxBench, variant=v)) for v in variants]
     if with_torch:
-        kinds.append(("PyTorch", TorchBench, None))
+        kinds.append(("PyTorch", TorchBench))
     workers, info = {}, {}
     try:
-        for name, factory, env in kinds:
-            workers[name] = Worker(factory, None, env)
+        for name, factory in kinds:
+            workers[name] = Worker(factory, None)
             if spec is not None:
                 info[name] = workers[name].call("load", spec)
     except BaseException:
@@ -460,7 +502,7 @@ def section_step(args, models: dict, with_torch: bool) -> str:
         spec = make_spec(arch, batch, seq, args.optimizer)
         flops = flops_per_token(ModelConfig(**spec["model"]), seq)
         # Fresh workers per model: each one's ru_maxrss is this model's peak memory.
-        workers, info = _start_workers(spec, with_torch, args.malloc_variant)
+        workers, info = _start_workers(spec, with_torch, args.variants)
         try:
             per_block, warm_s = {}, {}
             for name, w in workers.items():  # warm up; size the blocks from a compiled step
@@ -477,10 +519,11 @@ def section_step(args, models: dict, with_torch: bool) -> str:
             timings = _interleaved(workers, one, args.reps, args.max_others)
             memory = {name: w.call("memory") for name, w in workers.items()}
             torch_mm = workers["PyTorch"].call("matmul", args.matmul, 3)[0] if with_torch else None
-            if "breakdown" in args.sections:
+            if "breakdown" in args.sections:  # of JAX and PyTorch (not of the variants)
                 # Each call times every phase n times (about one block of wall time in all).
-                n = _steps_per_block(2 * max(warm_s.values()), args.block_seconds)
-                parts = _interleaved(workers, lambda _, w, n=n: w.call("breakdown", n), 3,
+                pair = {k: w for k, w in workers.items() if k in ("JAX", "PyTorch")}
+                n = _steps_per_block(2 * max(warm_s[k] for k in pair), args.block_seconds)
+                parts = _interleaved(pair, lambda _, w, n=n: w.call("breakdown", n), 3,
                                      args.max_others)
                 breakdown_rows += _breakdown_rows(label, parts, args.max_others)
         finally:
@@ -493,6 +536,10 @@ def section_step(args, models: dict, with_torch: bool) -> str:
             kept[name] = f"{len(_clean(blocks, args.max_others))}/{len(blocks)}"
         all_blocks = [v for blocks in timings.values() for v in _usable(blocks, args.max_others)]
         peak = 2 * args.matmul**3 / median([mm for _, mm in all_blocks])
+        if args.variants:
+            gains = [f"{v} {step_s[f'JAX, {v}'] / step_s['JAX']:.2f}x" for v in args.variants]
+            notes.append(f"{label}: what each fix gives (the variant's step time / JAX's): "
+                         + ", ".join(gains))
         notes.append(
             f"{label}: {args.matmul}x{args.matmul} @ {args.matmul}x{args.matmul} float32 matmul, "
             f"interleaved with the steps: jax {peak / 1e9:.1f} GFLOP/s (the peak of this row)"
@@ -524,9 +571,8 @@ def section_step(args, models: dict, with_torch: bool) -> str:
         rows,
     ), ""] + [f"- {n}" for n in notes]
     if breakdown_rows:
-        headers = ["model", "phase"] + [f"{name} ms" for name in workers]
-        if with_torch:
-            headers += [f"{name} / PyTorch time" for name in workers if name != "PyTorch"]
+        headers = ["model", "phase", "JAX ms"] + (["PyTorch ms", "JAX / PyTorch time"]
+                                                  if with_torch else [])
         out += ["", markdown_table(headers, breakdown_rows)]
     return "\n".join(out)
 
@@ -600,9 +646,9 @@ def main(argv=None) -> None:
     parser.add_argument("--models", default="tiny,small",
                         help=f"comma-separated from {', '.join(MODELS)}, default")
     parser.add_argument("--no-torch", action="store_true", help="JAX only")
-    parser.add_argument("--no-malloc-variant", dest="malloc_variant", action="store_false",
-                        help=f"leave out the '{JAX_PLAIN_MALLOC}' row (JAX without "
-                             "tune_host_malloc)")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma-separated 'JAX, <variant>' rows, each the step with one "
+                             f"speed-up undone: {', '.join(VARIANTS)} (default: all), or none")
     parser.add_argument("--reps", type=int, default=5, help="interleaved A/B repetitions")
     parser.add_argument("--scaling-reps", type=int, default=3)
     parser.add_argument("--block-seconds", type=float, default=2.0,
@@ -615,6 +661,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     args.sections = set(args.sections.split(","))
+    args.variants = () if args.variants == "none" else tuple(args.variants.split(","))
+    if unknown := set(args.variants) - set(VARIANTS):
+        parser.error(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(VARIANTS)} "
+                     "or none")
     unknown = args.sections - {"step", "breakdown", "scaling"}
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}")
@@ -645,10 +695,9 @@ def main(argv=None) -> None:
           f"betas ({o['b1']}, {o['b2']}) eps {o['eps']} wd {o['weight_decay']}, clip "
           f"{o['clip_norm']}, {o['schedule']} schedule, skip_nonfinite {o['skip_nonfinite']} "
           "(JAX only)")
-    if args.malloc_variant and args.sections & {"step", "breakdown"}:
-        print(f"'JAX' calls jaxtricks.step.tune_host_malloc() first, as train.py does; "
-              f"'{JAX_PLAIN_MALLOC}': the same step with JAXTRICKS_HOST_MALLOC=default "
-              "(glibc's malloc as it is)")
+    if args.sections & {"step", "breakdown"}:
+        print("'JAX': the step as train.py runs it (tune_host_malloc() called first)"
+              + "".join(f"; 'JAX, {v}': {VARIANTS[v]}" for v in args.variants))
     print(f"medians of {args.reps} interleaved A/B blocks (blocks during which other processes "
           f"used >= {args.max_others:.0%} of the CPUs are set aside and rerun, up to "
           f"{3 * args.reps} rounds); synthetic random tokens\n")

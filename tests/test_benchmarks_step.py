@@ -60,7 +60,8 @@ def _positive(cell: str) -> float:
 def test_bench_step_quick_prints_every_table():
     out = _run("bench_step.py", "--quick").stdout
 
-    frameworks = ["JAX", bench_step.JAX_PLAIN_MALLOC] + (["PyTorch"] if HAS_TORCH else [])
+    variants = [f"JAX, {v}" for v in bench_step.VARIANTS]
+    frameworks = ["JAX", *variants] + (["PyTorch"] if HAS_TORCH else [])
     step_rows = [r for r in _rows(out, "quick") if r[3] in frameworks]
     assert [r[3] for r in step_rows] == frameworks
     for r in step_rows:
@@ -69,17 +70,20 @@ def test_bench_step_quick_prints_every_table():
         assert tokens_per_s == pytest.approx(64 / (step_ms / 1e3), rel=0.5)  # ms are rounded
         assert re.fullmatch(r"\d+%", r[8]), r[8]
         assert re.fullmatch(r"\d+ \(\+-?\d+.*\)", r[10]), r[10]  # peak RSS (+ over imports)
-    for jax_row in step_rows[:2]:
+    for jax_row in step_rows[:-1] if HAS_TORCH else step_rows:
         assert re.fullmatch(r"\d+\.\d \+ \d+\.\d", jax_row[9]), jax_row[9]  # trace+lower + XLA
         if HAS_TORCH:
             assert re.fullmatch(r"\*\*\d+\.\d\dx\*\*", jax_row[6]), jax_row[6]
     assert "float32 matmul" in out
+    (gains,) = re.findall(r"quick: what each fix gives .*", out)
+    for v in bench_step.VARIANTS:
+        assert re.search(rf"{v} \d+\.\d\dx", gains), (v, gains)
 
     phases = ["forward", "backward", "optimizer", "step"]
     breakdown = [r for r in _rows(out, "quick") if r[1] in phases]
     assert [r[1] for r in breakdown] == phases
-    for r in breakdown:  # ms per framework, then each JAX's time over PyTorch's
-        assert len(r) == 2 + len(frameworks) + (2 if HAS_TORCH else 0)
+    for r in breakdown:  # JAX ms (, PyTorch ms, JAX / PyTorch)
+        assert len(r) == (5 if HAS_TORCH else 3)
 
     for label in ("seq 16", "seq 32", "d_model 32", "d_model 64"):
         (row,) = _rows(out, label)
@@ -91,7 +95,7 @@ def test_bench_step_quick_prints_every_table():
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_TORCH, reason="without torch the test above covers this path")
 def test_bench_step_runs_without_torch():
-    out = _run("bench_step.py", "--quick", "--no-torch", "--no-malloc-variant",
+    out = _run("bench_step.py", "--quick", "--no-torch", "--variants", "none",
                "--sections", "step").stdout
     assert "PyTorch: not measured" in out
     assert [r[3] for r in _rows(out, "quick")] == ["JAX"]
