@@ -1,4 +1,4 @@
-"""Smoke tests of benchmarks/bench_step.py and benchmarks/bench_gpu_mfu.py in their --quick mode.
+"""Smoke tests of benchmarks/bench_step.py, bench_attention.py and bench_gpu_mfu.py (--quick).
 
 They run the scripts as a user would (subprocesses, CPU) and check the rows they print; they pass
 with or without PyTorch installed and never need a GPU. No timing is asserted: only that every
@@ -139,3 +139,18 @@ def test_attention_override_reaches_the_model():
     assert bench_gpu_mfu.compiled_attention('custom_call_target="__cudnn$fmhaSoftmax"') \
         .startswith("cuDNN")
     assert bench_gpu_mfu.compiled_attention("dot(...)").startswith("XLA")
+
+
+@pytest.mark.slow
+def test_bench_attention_quick_prints_every_case():
+    out = _run("bench_attention.py", "--quick", "--no-torch").stdout
+    for label, batch_seq in (("seq 32", "8x32"), ("seq 64", "4x64")):
+        (row,) = _rows(out, label)
+        assert row[1] == batch_seq
+        cells = row[2:]
+        assert len(cells) == 4  # 1, 2, 4 and 8 query blocks
+        for cell in cells:
+            ms, ratio = re.fullmatch(rf"({NUMBER}) \(({NUMBER})\)", cell).groups()
+            _positive(ms)
+            _positive(ratio)
+        assert cells[0].endswith("(1.00)")  # the reference: one call
