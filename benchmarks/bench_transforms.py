@@ -432,7 +432,9 @@ What each case computes (same math in every row, float32; see `Hyper` in the scr
   `fused` (`fused=True`).
 - JAX rows: `tx.update` + `optax.apply_updates` in one `jax.jit`, params and state donated.
   XLA kernels = fusions in the compiled update (a kernel launch each, ~3-5 µs on this CPU);
-  array copies = non-scalar `copy` ops XLA inserted (a full read + write of that array per update);
+  array copies = non-scalar `copy` ops XLA inserted (a full read + write of that array when it
+  runs; in the `skip_nonfinite` / `apply_if_finite` rows they write the zero updates of a skipped
+  step, in the branch that a finite step does not run);
   XLA temp = its temporary buffers per update.
 - Ratios: median over rounds of (case / optax) timed back to back in the same round, with the
   interquartile range of those per-round ratios; ms: median over rounds.

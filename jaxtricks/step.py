@@ -34,9 +34,9 @@ def tune_host_malloc() -> bool:
     1.85M-parameter one at batch 32) with ``malloc`` from its worker threads and frees them when
     the step ends. glibc serves blocks that large with ``mmap`` and unmaps them on ``free``, so
     every step page-faults all of them in again and the kernel zeroes each page. One malloc arena,
-    no ``mmap`` and no trimming below 2 GiB keep them mapped: CPU steps ran 1.1x to 1.3x faster
-    (BENCHMARKS.md), for a higher resident size (+200 to +800 MB), since freed memory stays with
-    the process.
+    no ``mmap`` and no trimming below 2 GiB keep them mapped: CPU steps ran 1.3x to 1.6x faster
+    (BENCHMARKS.md; 1.1x to 1.3x before the model's other CPU fixes), for a higher resident size
+    (+270 MB for the default model, up to +900 MB), since freed memory stays with the process.
 
     Call it before JAX starts its backend (before the first array or ``jax.devices()``): threads
     that already have their own malloc arena keep it. ``train.py`` and ``jaxtricks lr-find`` call
