@@ -155,25 +155,16 @@ class WorkerError(RuntimeError):
 class Worker:
     """An object living in its own (spawned) process, called by method name over a pipe.
 
-    ``env``: extra environment variables of that process only (e.g. ``GLIBC_TUNABLES``, which
-    glibc reads when the process starts).
-
     Each framework runs in its own worker so that (1) the other framework's thread pools never
     compete with it, (2) its ``ru_maxrss`` is its own peak memory, and (3) the parent can interleave
     A and B measurements while both stay compiled and warm.
     """
 
-    def __init__(self, factory: Callable[[Any], Any], spec: Any, env: dict | None = None):
+    def __init__(self, factory: Callable[[Any], Any], spec: Any):
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_serve, args=(child, factory, spec), daemon=True)
-        saved = dict(os.environ)
-        os.environ.update(env or {})  # a spawned child starts with the parent's environment
-        try:
-            self._proc.start()
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
+        self._proc.start()
         child.close()
         self._result()
 

@@ -12,9 +12,9 @@ Choices, and why:
 - Attention is ``jax.nn.dot_product_attention`` on ``(batch, seq, heads, head_dim)`` straight
   from one fused q/k/v matmul: no transposes of our own. ``implementation=None`` lets jax
   choose; as of jax 0.10 that is its XLA implementation on every backend (cuDNN's fused kernel
-  needs ``implementation="cudnn"`` and fp16/bf16 inputs on a GPU). Training runs it in
-  ``cfg.attention_blocks`` query blocks that skip the masked keys (:func:`causal_attention`);
-  ``attention_blocks: 1`` is one ``is_causal=True`` call.
+  needs ``implementation="cudnn"`` and fp16/bf16 inputs on a GPU). Without a KV cache (training,
+  evaluation) it runs in ``cfg.attention_blocks`` query blocks that skip the masked keys
+  (:func:`causal_attention`); ``attention_blocks: 1`` is one ``is_causal=True`` call.
   It has no attention-probability dropout, so dropout is applied where nanoGPT also has it: after
   the embeddings and on each residual branch.
 - GELU is the tanh approximation (GPT-2's own, and cheaper than erf on CPU).
@@ -271,8 +271,8 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_blocks: int =
     :math:`T \times T` scores for :math:`n` blocks (3/8 for 4). Each block is one
     ``jax.nn.dot_product_attention`` call with its causal mask, so the result equals the
     one-call ``is_causal=True`` attention to float rounding. On XLA:CPU, 4 blocks made the
-    attention's forward and backward 1.7x (sequence 128) to 2x (sequence 1024) faster
-    (BENCHMARKS.md, "Where the time goes").
+    attention's forward and backward 1.5x (sequence 128) to 2x (sequence 1024) faster
+    (``benchmarks/bench_attention.py``; BENCHMARKS.md, "Attention alone").
 
     Args:
       q, k, v: ``(batch, seq, heads, head_dim)``.
