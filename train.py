@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported after parsing so that --help is instant.
     from jaxtricks.step import tune_host_malloc
 
-    tune_host_malloc()  # before JAX starts its threads: 1.1x-1.3x faster CPU steps (BENCHMARKS.md)
+    tune_host_malloc()  # before JAX starts its threads: faster CPU steps (BENCHMARKS.md)
 
     from jaxtricks import config as config_lib
     from jaxtricks import training
