@@ -109,10 +109,14 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     def update_fn(updates, state, params=None):
         del state, params
         norm = global_norm(updates)
-        denominator = jnp.maximum(1.0, norm / max_norm)  # norm 0 -> 1; max_norm inf -> 1
+        # One scalar factor, then a multiply per element: XLA fuses that cheap multiply into
+        # each consumer (Adam's two moments) instead of writing the clipped gradient out as a
+        # temporary, as it does for a divide (GPT-2 small: 475 MiB less traffic per update,
+        # BENCHMARKS.md). Dividing by ``denominator`` would differ by rounding only.
+        factor = 1.0 / jnp.maximum(1.0, norm / max_norm)  # norm 0 -> 1; max_norm inf -> 1
 
         def clip(g):
-            return (g.astype(_compute_dtype(g.dtype)) / denominator).astype(g.dtype)
+            return (g.astype(_compute_dtype(g.dtype)) * factor).astype(g.dtype)
 
         new_state = ClipByGlobalNormState(grad_norm=norm, clipped=norm > max_norm)
         return jax.tree.map(clip, updates), new_state
