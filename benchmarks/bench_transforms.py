@@ -599,6 +599,16 @@ def section_breakdown(shapes, timing: Timing) -> None:
 
 
 FLAT = "optax.flatten(jaxtricks)"
+NOOP = "no-op"
+
+
+def noop_chain() -> optax.GradientTransformation:
+    """The jaxtricks chain's inputs and outputs without its arithmetic: the state (same leaves)
+    passes through, the update is the gradient (``apply_updates`` adds it: one kernel a leaf).
+    What XLA's runtime costs per buffer, whatever the update computes."""
+    chain = jaxtricks_chain(BENCH)
+    return optax.GradientTransformation(chain.init, lambda updates, state, params=None: (
+        updates, state))
 
 
 def section_scaling(counts: list[int], size: int, timing_for: Callable[[int], Timing]) -> None:
@@ -606,12 +616,16 @@ def section_scaling(counts: list[int], size: int, timing_for: Callable[[int], Ti
     print(
         f"`{FLAT}` is the jaxtricks chain run on one flat vector (`optax.flatten` ravels the "
         "gradient, the parameters and the state): a remedy for many small leaves, not a "
-        "jaxtricks API (per-leaf masks such as `decay_mask` do not survive the ravel).\n"
+        "jaxtricks API (per-leaf masks such as `decay_mask` do not survive the ravel). "
+        f"`{NOOP}` takes and returns the same arrays as the jaxtricks chain (the parameters, "
+        "the gradient, the state) but only adds the gradient to the parameters: the floor that "
+        "XLA's runtime sets per array, whatever the update computes.\n"
     )
     rows = []
     for count in counts:
         shapes = small_leaves_shapes(count, size)
-        chains = {**both_chains(), FLAT: optax.flatten(jaxtricks_chain(BENCH))}
+        chains = {**both_chains(), FLAT: optax.flatten(jaxtricks_chain(BENCH)),
+                  NOOP: noop_chain()}
         results = timed(shapes, chains, timing_for(count), with_torch=True)
         rows.append((count, {r.name: r for r in results}))
         if count == 1000:

@@ -57,6 +57,7 @@ def test_bench_transforms_quick_prints_every_row():
     for count in (1, 10):
         row = rf"^\| {count} \| {NUMBER} \| {NUMBER} \(\*\*{NUMBER}\*\*\) \|"  # optax, jaxtricks
         assert re.search(row, out, re.M), out
+    assert "| no-op ms |" in out  # the runtime's floor per array, next to the chains
     if HAS_TORCH:
         for impl in ("for-loop", "foreach", "fused"):
             assert re.search(rf"^\| torch {impl} \| {NUMBER} \| {RATIO} \| - \|", out, re.M), out
