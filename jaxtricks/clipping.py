@@ -110,9 +110,9 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
         del state, params
         norm = global_norm(updates)
         # One scalar factor, then a multiply per element: XLA fuses that cheap multiply into
-        # each consumer (Adam's two moments) instead of writing the clipped gradient out as a
-        # temporary, as it does for a divide (GPT-2 small: 475 MiB less traffic per update,
-        # BENCHMARKS.md). Dividing by ``denominator`` would differ by rounding only.
+        # each consumer (Adam's two moments); a divide per element it wrote out as a temporary
+        # the size of the gradient (475 MiB per update for GPT-2 small, BENCHMARKS.md). The
+        # two differ by float rounding only.
         factor = 1.0 / jnp.maximum(1.0, norm / max_norm)  # norm 0 -> 1; max_norm inf -> 1
 
         def clip(g):
