@@ -34,9 +34,14 @@ def tune_host_malloc() -> bool:
     1.85M-parameter one at batch 32) with ``malloc`` from its worker threads and frees them when
     the step ends. glibc serves blocks that large with ``mmap`` and unmaps them on ``free``, so
     every step page-faults all of them in again and the kernel zeroes each page. One malloc arena,
-    no ``mmap`` and no trimming below 2 GiB keep them mapped: CPU steps ran 1.3x to 1.6x faster
-    (BENCHMARKS.md; 1.1x to 1.3x before the model's other CPU fixes), for a higher resident size
-    (+270 MB for the default model, up to +900 MB), since freed memory stays with the process.
+    no ``mmap`` and no trimming keep them mapped: CPU steps ran 1.3x to 1.6x faster
+    (BENCHMARKS.md; 1.1x to 1.3x before the model's other CPU fixes). Trimming is off altogether
+    (threshold -1), not only below 2 GiB (the largest other threshold glibc takes): with the next
+    step dispatched while one runs, as the trainer does, two steps' buffers of a 10.8M-parameter
+    model (1.1 GB each) made the free heap top pass 2 GiB, and glibc gave it back every step.
+    The price is resident memory: freed memory stays with the process, so its resident size stays
+    at its peak, and that peak is higher than with glibc's defaults (1031 vs 763 MB for the
+    default model's benchmark; for the 10.8M model the same 4.2 GB as with the 2 GiB threshold).
 
     Call it before JAX starts its backend (before the first array or ``jax.devices()``): threads
     that already have their own malloc arena keep it. ``train.py`` and ``jaxtricks lr-find`` call
@@ -50,7 +55,7 @@ def tune_host_malloc() -> bool:
     if os.environ.get(HOST_MALLOC_ENV) == "default" or platform.libc_ver()[0] != "glibc":
         return False
     mallopt = ctypes.CDLL(None).mallopt
-    settings = [(_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)]
+    settings = [(_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)]
     return all(mallopt(option, value) == 1 for option, value in settings)
 
 

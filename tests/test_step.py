@@ -127,22 +127,26 @@ HOST_MALLOC_PROBE = textwrap.dedent("""
 
     libc = ctypes.CDLL(None)
     libc.mallinfo2.restype = MallInfo2
-    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
     applied = tune_host_malloc()
-    seen = {}
+    seen = []
 
-    def big_block():  # from a fresh thread, as XLA's workers allocate
-        before = libc.mallinfo2()
-        block = libc.malloc(256 << 20)
-        seen["mmapped"] = libc.mallinfo2().hblks - before.hblks
+    def big_block(size):  # from a fresh thread, as XLA's workers allocate
+        mmapped = libc.mallinfo2().hblks
+        block = libc.malloc(size)
+        assert block, f"malloc({size}) failed"
+        seen.append(libc.mallinfo2().hblks - mmapped)  # served by mmap?
         libc.free(block)
-        seen["heap_kept"] = libc.mallinfo2().arena - before.arena >= 256 << 20
+        seen.append(libc.mallinfo2().arena >= size)  # the heap still holds it?
 
-    thread = threading.Thread(target=big_block)
-    thread.start()
-    thread.join()
-    print(applied, seen["mmapped"], seen["heap_kept"])
+    # 256 MiB, and 2.5 GiB (never touched, so address space only): more than 2**31 - 1 bytes,
+    # the largest trim threshold glibc takes other than -1 (two steps of a 10M-parameter model).
+    for size in (256 << 20, 5 << 29):
+        thread = threading.Thread(target=big_block, args=(size,))
+        thread.start()
+        thread.join()
+    print(applied, *seen)
 """)
 
 
@@ -151,11 +155,13 @@ HOST_MALLOC_PROBE = textwrap.dedent("""
     reason="glibc only",
 )
 @pytest.mark.parametrize(
-    "env, expected", [({}, "True 0 True"), ({"JAXTRICKS_HOST_MALLOC": "default"}, "False 1 False")]
+    "env, expected",
+    [({}, "True 0 True 0 True"), ({"JAXTRICKS_HOST_MALLOC": "default"}, "False 1 False 1 False")],
 )
 def test_tune_host_malloc_keeps_big_blocks_mapped(env, expected):
-    """After tune_host_malloc a 256 MiB block from a new thread comes from the heap (not mmap) and
-    stays mapped after free; with JAXTRICKS_HOST_MALLOC=default glibc mmaps and unmaps it."""
+    """After tune_host_malloc a 256 MiB and a 2.5 GiB block from a new thread come from the heap
+    (not mmap) and stay mapped after free; with JAXTRICKS_HOST_MALLOC=default glibc mmaps and
+    unmaps them."""
     result = subprocess.run([sys.executable, "-c", HOST_MALLOC_PROBE], capture_output=True,
                             text=True, env={**os.environ, **env}, check=True, timeout=120)
     assert result.stdout.split() == expected.split()
