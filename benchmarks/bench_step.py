@@ -55,6 +55,8 @@ TOTAL_STEPS = 10_000  # length of the cosine schedule of both optimizers (no eff
 # the ratio of their step times is what that fix gives.
 VARIANTS = {
     "glibc malloc": "without jaxtricks.step.tune_host_malloc() (glibc's malloc as it is)",
+    "heap trimmed above 2 GiB": "tune_host_malloc() with its trim threshold before commit "
+    "3f92316: glibc gives the free heap top back once it passes 2 GiB",
     "autodiff LayerNorm": "LayerNorm as before its hand-written backward: one pass, autodiff",
     "3-D matmuls": "linear layers contracting over (batch, seq) instead of one merged axis",
     "one attention call": "model.attention_blocks=1: no query blocks",
@@ -82,6 +84,12 @@ def _undo(variant: str) -> None:
             return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), **kwargs)
 
         model.matmul_2d = matmul
+    elif variant == "heap trimmed above 2 GiB":  # tune_host_malloc before commit 3f92316
+        import ctypes
+
+        from jaxtricks.step import _M_TRIM_THRESHOLD
+
+        ctypes.CDLL(None).mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
     elif variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
 
@@ -468,7 +476,8 @@ def _usable(blocks: list, max_others: float) -> list:
 
 
 def _steps_per_block(step_s: float, block_s: float) -> int:
-    return max(1, round(block_s / max(step_s, 1e-6)))
+    # At least 2, so that the next step is dispatched while one runs, as in the trainer.
+    return max(2, round(block_s / max(step_s, 1e-6)))
 
 
 def _start_workers(spec: dict | None, with_torch: bool, variants: tuple[str, ...] = ()
@@ -505,8 +514,8 @@ def section_step(args, models: dict, with_torch: bool) -> str:
         workers, info = _start_workers(spec, with_torch, args.variants)
         try:
             per_block, warm_s = {}, {}
-            for name, w in workers.items():  # warm up; size the blocks from a compiled step
-                warm_s[name] = w.call("run", 1)[0]
+            for name, w in workers.items():  # warm up (two steps in flight, as in the blocks);
+                warm_s[name] = w.call("run", 2)[0] / 2  # size the blocks from compiled steps
                 per_block[name] = _steps_per_block(warm_s[name], args.block_seconds)
             workers["JAX"].call("matmul", args.matmul, 1)  # compile the matmul outside the loop
 
