@@ -605,10 +605,25 @@ NOOP = "no-op"
 def noop_chain() -> optax.GradientTransformation:
     """The jaxtricks chain's inputs and outputs without its arithmetic: the state (same leaves)
     passes through, the update is the gradient (``apply_updates`` adds it: one kernel a leaf).
-    What XLA's runtime costs per buffer, whatever the update computes."""
+    What a jitted call costs per array, whatever the update computes."""
     chain = jaxtricks_chain(BENCH)
     return optax.GradientTransformation(chain.init, lambda updates, state, params=None: (
         updates, state))
+
+
+def noop_dispatch_ms(shapes, calls: int) -> tuple[float, float]:
+    """Median ms until a call of the no-op update returns (JAX's host-side work: the arguments,
+    donation, the output arrays; XLA runs the kernels asynchronously) and until its results are
+    ready. The gap between the two is about what XLA's kernels take."""
+    case = make_cases(shapes, {NOOP: noop_chain()}, with_torch=False, grad_scale=1e-3)[NOOP]
+    returned, ready = [], []
+    for _ in range(calls + 2):  # the first two warm up
+        start = time.perf_counter()
+        case.params, case.state = case.compiled(case.params, case.state, case.grads)
+        returned.append(time.perf_counter() - start)
+        jax.block_until_ready((case.params, case.state))
+        ready.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(returned[2:]), 1e3 * statistics.median(ready[2:])
 
 
 def section_scaling(counts: list[int], size: int, timing_for: Callable[[int], Timing]) -> None:
@@ -618,8 +633,8 @@ def section_scaling(counts: list[int], size: int, timing_for: Callable[[int], Ti
         "gradient, the parameters and the state): a remedy for many small leaves, not a "
         "jaxtricks API (per-leaf masks such as `decay_mask` do not survive the ravel). "
         f"`{NOOP}` takes and returns the same arrays as the jaxtricks chain (the parameters, "
-        "the gradient, the state) but only adds the gradient to the parameters: the floor that "
-        "XLA's runtime sets per array, whatever the update computes.\n"
+        "the gradient, the state) but only adds the gradient to the parameters: the floor a "
+        "jitted call sets per array, whatever the update computes.\n"
     )
     rows = []
     for count in counts:
@@ -649,6 +664,11 @@ def section_scaling(counts: list[int], size: int, timing_for: Callable[[int], Ti
         kernels = ", ".join(str(by_name[n].hlo["fusions"]) for n in jax_names)
         print(f"| {count:,} | {cells} | {compile_s} | {kernels} |")
     print()
+    returned, ready = noop_dispatch_ms(small_leaves_shapes(counts[-1], size), 30)
+    print(f"`{NOOP}` on its own, {counts[-1]:,} leaves, median of 30 calls: the call returns "
+          f"after {returned:.2f} ms, its results are ready after {ready:.2f} ms. The call's "
+          "host-side work (JAX's handling of each argument, the donation, the output arrays; "
+          "XLA runs the kernels asynchronously) is the first figure.\n")
     if torch is None:
         print(TORCH_MISSING)
 

@@ -57,7 +57,11 @@ def test_bench_transforms_quick_prints_every_row():
     for count in (1, 10):
         row = rf"^\| {count} \| {NUMBER} \| {NUMBER} \(\*\*{NUMBER}\*\*\) \|"  # optax, jaxtricks
         assert re.search(row, out, re.M), out
-    assert "| no-op ms |" in out  # the runtime's floor per array, next to the chains
+    assert "| no-op ms |" in out  # the floor per array of a jitted call, next to the chains
+    # ... and how much of it is the call's host-side work: returned <= ready.
+    split = re.search(rf"no-op` on its own, 10 leaves, .*returns after ({NUMBER}) ms, its "
+                      rf"results are ready after ({NUMBER}) ms", out)
+    assert split and float(split[1]) <= float(split[2]), out
     if HAS_TORCH:
         for impl in ("for-loop", "foreach", "fused"):
             assert re.search(rf"^\| torch {impl} \| {NUMBER} \| {RATIO} \| - \|", out, re.M), out
