@@ -127,7 +127,7 @@ def main(argv=None) -> None:
         for w in workers.values():
             w.close()
     headers = ["sequence", "batch x seq"] + [
-        "1 block (one call) ms" if b == 1 else f"{b} blocks ms" for _, b in cases if _ == "jax"
+        "1 block (one call) ms" if b == 1 else f"{b} blocks ms" for fw, b in cases if fw == "jax"
     ] + (["PyTorch SDPA ms"] if with_torch else [])
     print(markdown_table(headers, rows))
     print("\n(in parentheses: time over the one-call time of the same rounds, median)")
