@@ -109,6 +109,7 @@ class Config:
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     parallelism: Literal["auto", "single", "pmap"] = "auto"
+    cpu_devices: int | None = None  # split a CPU host into this many devices (None: JAX's default)
 
 
 # --------------------------------------------------------------------------- building from dicts
@@ -274,6 +275,8 @@ def validate(c: Config) -> None:
            f"<= model.max_seq_len={m.max_seq_len} (the model's context)")
     _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "0 < fraction < 1")
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "an integer >= 0")
+    _check(c.cpu_devices is None or c.cpu_devices >= 1, "cpu_devices", c.cpu_devices,
+           "an integer >= 1, or null for JAX's default")
     if d.source == "text":
         _check(bool(d.path), "data.path", d.path, "a file, folder or glob when data.source=text")
     if d.source == "tfds":

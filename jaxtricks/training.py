@@ -25,7 +25,7 @@ from jaxtricks import data as data_lib
 from jaxtricks.checkpoint import CheckpointError, Checkpoints
 from jaxtricks.model import Transformer, count_params, flops_per_token
 from jaxtricks.optimizer import optimizer_from_config
-from jaxtricks.step import TrainState, make_steps, unreplicate_metrics
+from jaxtricks.step import TrainState, make_steps, unreplicate_metrics, use_cpu_devices
 
 # Dense bf16 peak FLOP/s per chip, for MFU. Matched as a substring of jax's device_kind.
 PEAK_FLOPS = {
@@ -115,14 +115,22 @@ def init(config: config_lib.Config, *, learning_rate: Any = None) -> Init:
 
 
 def preflight(config: config_lib.Config, workdir: Path) -> None:
-    """Every check that can fail on bad input, before anything is compiled or written."""
+    """Every check that can fail on bad input, before anything is compiled or written.
+
+    It also starts JAX's backends, with ``config.cpu_devices`` CPU devices when that is set.
+    """
+    try:
+        use_cpu_devices(config.cpu_devices)
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from None
     devices = jax.local_devices()
     if config.parallelism != "single" and len(devices) > 1 or config.parallelism == "pmap":
         n = len(devices) * jax.process_count()
         if config.train.batch_size % n:
+            fewer = ", fewer cpu_devices" if config.cpu_devices else ""
             raise config_lib.ConfigError(
                 f"train.batch_size={config.train.batch_size} must be divisible by the number of "
-                f"devices ({n}); use a multiple of {n} or parallelism=single."
+                f"devices ({n}); use a multiple of {n}{fewer} or parallelism=single."
             )
     data_lib.check_data(config.data)
     existing = workdir

@@ -61,6 +61,8 @@ def test_round_trip_through_dict():
          "model.attention_blocks=0 is out of range; allowed: an integer >= 1"),
         (["data.source=text"], "data.path='' is out of range; allowed: a file, folder or glob"),
         (["parallelism=tpu"], "parallelism='tpu' is not allowed; choose one of auto, single, pmap"),
+        (["cpu_devices=0"],
+         "cpu_devices=0 is out of range; allowed: an integer >= 1, or null for JAX's default"),
         (["train.log_every=true"], "train.log_every=True must be an integer"),
     ],
 )

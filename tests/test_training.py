@@ -292,3 +292,40 @@ def test_batch_must_divide_over_the_devices(tmp_path, data_dir, monkeypatch, cap
     assert "train.batch_size=12 must be divisible by the number of devices (8)" in (
         capsys.readouterr().err
     )
+
+
+def test_cpu_devices_splits_the_cpu_and_pmaps_the_same_run(tmp_path, data_dir, capsys):
+    # JAX takes the device count when it starts, so the split run is a process of its own.
+    split, single = tmp_path / "split", tmp_path / "single"
+    out = subprocess.run(
+        [sys.executable, "train.py", *_args(split, data_dir, "cpu_devices=2", steps=20)],
+        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "2 x cpu (pmap)" in out.stdout
+    assert train.main(_args(single, data_dir, steps=20)) == 0
+    assert "1 x cpu (jit)" in capsys.readouterr().out
+    # Each device's loss is the mean over its half of the batch; their mean is the whole's.
+    split_losses, single_losses = _losses(split), _losses(single)
+    assert list(split_losses) == list(range(1, 21))
+    np.testing.assert_allclose(list(split_losses.values()), list(single_losses.values()),
+                               rtol=1e-4)
+    # Its checkpoint (one unreplicated copy) resumes on one device.
+    assert train.main(_args(split, data_dir, steps=25)) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert [m["step"] for m in _metrics(split) if "loss" in m] == list(range(1, 26))
+
+
+def test_cpu_devices_once_jax_has_started_is_refused_before_any_write(tmp_path, data_dir, capsys):
+    have = len(jax.devices("cpu"))  # this process's backend has started, with JAX's default
+    workdir = tmp_path / "run"
+    assert train.main(_args(workdir, data_dir, f"cpu_devices={have + 1}")) == 2
+    err = capsys.readouterr().err
+    assert (f"cpu_devices={have + 1} cannot be applied: JAX's CPU backend has already started "
+            f"in this process with {have} device(s)") in err
+    assert not workdir.exists()
+    # The count it already has is no change: accepted.
+    config = config_lib.load(None, [*TINY, f"cpu_devices={have}"])
+    training.preflight(config, tmp_path)
+    assert len(jax.devices("cpu")) == have
