@@ -16,8 +16,9 @@ the same interleaved loop. Synthetic random tokens, one batch placed on the devi
 Sections (``--sections``):
   step      tokens/s, GFLOP/s, share of the matmul peak, compile time and peak memory for the tiny
             default model and a ~10M-parameter model, JAX vs PyTorch, and the "JAX, <variant>"
-            rows: the JAX step with one of its CPU speed-ups undone (``--variants``), so that
-            each fix's gain is measured in the same run;
+            rows: the JAX step with one setting changed (``--variants``): one of its CPU
+            speed-ups undone, or ``cpu_devices=2``, so that what each gives is measured in the
+            same run;
   breakdown forward / backward / optimizer time of each framework (same models);
   scaling   step time vs sequence length (fixed 4,096 tokens per batch) and vs width.
 
@@ -51,8 +52,9 @@ MODELS = {
 QUICK_MODELS = {"quick": (dict(num_layers=1, d_model=32, num_heads=2, d_ff=128), 4, 16)}
 TOTAL_STEPS = 10_000  # length of the cosine schedule of both optimizers (no effect on speed)
 # "JAX" is the step as train.py runs it. Each variant ("JAX, <name>" rows, --variants) is the same
-# step with one of the CPU speed-ups of BENCHMARKS.md undone, measured in the same interleaved run:
-# the ratio of their step times is what that fix gives.
+# step with one setting changed, measured in the same interleaved run: one of the CPU speed-ups of
+# BENCHMARKS.md undone (the ratio of the step times is what that fix gives), or the opt-in
+# cpu_devices=2 (the ratio is what it gives).
 VARIANTS = {
     "glibc malloc": "without jaxtricks.step.tune_host_malloc() (glibc's malloc as it is)",
     "heap trimmed above 2 GiB": "tune_host_malloc() with its trim threshold before commit "
@@ -60,6 +62,8 @@ VARIANTS = {
     "autodiff LayerNorm": "LayerNorm as before its hand-written backward: one pass, autodiff",
     "3-D matmuls": "linear layers contracting over (batch, seq) instead of one merged axis",
     "one attention call": "model.attention_blocks=1: no query blocks",
+    "2 CPU devices": "cpu_devices=2: the CPU split into two JAX devices, the step pmapped over "
+    "two halves of the batch",
 }
 
 
@@ -145,6 +149,9 @@ class JaxBench:
         self.variant = variant
         import jax
 
+        from jaxtricks.step import use_cpu_devices
+
+        use_cpu_devices(2 if variant == "2 CPU devices" else None)
         jax.devices()  # start the backend before taking the memory baseline
         import jaxtricks.step  # noqa: F401
 
@@ -164,7 +171,7 @@ class JaxBench:
         from jaxtricks.config import ModelConfig, OptimizerConfig
         from jaxtricks.model import Transformer, count_params
         from jaxtricks.optimizer import optimizer_from_config
-        from jaxtricks.step import TrainState, make_steps
+        from jaxtricks.step import TrainState, make_steps, unreplicate_metrics
 
         self.state = self.steps = self._parts = None
         jax.clear_caches()
@@ -175,7 +182,7 @@ class JaxBench:
         self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
         self.optimizer = optimizer_from_config(OptimizerConfig(**spec["optimizer"]), TOTAL_STEPS)
         state = TrainState(jnp.int32(0), params, self.optimizer.init(params))
-        self.steps = make_steps(self.graphdef, self.rest, self.optimizer, "single")
+        self.steps = make_steps(self.graphdef, self.rest, self.optimizer, "auto")
         self.state = self.steps.put_state(state)
         tokens = _tokens(spec)
         self.batch = self.steps.put_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]})
@@ -194,18 +201,24 @@ class JaxBench:
         jax.block_until_ready((self.state, metrics))
         first = time.perf_counter() - start
         return {"params": count_params(model), "first_step_s": first, "lower_s": lower_s,
-                "compile_s": compile_s, "xla_temp_mb": temp_mb, "loss": float(metrics["loss"])}
+                "compile_s": compile_s, "xla_temp_mb": temp_mb,
+                "loss": unreplicate_metrics(metrics, self.steps)["loss"]}
 
     def run(self, n: int) -> tuple[float, float | None]:
-        """Seconds for ``n`` steps dispatched back to back (as the trainer does), and the share
-        of the CPUs other processes used meanwhile."""
+        """Seconds for ``n`` steps, each step's metrics read once the next one is dispatched (as
+        the trainer does), and the share of the CPUs other processes used meanwhile."""
         import jax
+
+        from jaxtricks.step import unreplicate_metrics
 
         metrics = None
         with OthersShare() as others:
             start = time.perf_counter()
             for _ in range(n):
+                pending = metrics
                 self.state, metrics = self.steps.train(self.state, self.batch, self.rng)
+                if pending is not None:
+                    unreplicate_metrics(pending, self.steps)
             jax.block_until_ready((self.state, metrics))
             seconds = time.perf_counter() - start
         return seconds, others.share
@@ -547,7 +560,7 @@ def section_step(args, models: dict, with_torch: bool) -> str:
         peak = 2 * args.matmul**3 / median([mm for _, mm in all_blocks])
         if args.variants:
             gains = [f"{v} {step_s[f'JAX, {v}'] / step_s['JAX']:.2f}x" for v in args.variants]
-            notes.append(f"{label}: what each fix gives (the variant's step time / JAX's): "
+            notes.append(f"{label}: the variant's step time / JAX's: "
                          + ", ".join(gains))
         notes.append(
             f"{label}: {args.matmul}x{args.matmul} @ {args.matmul}x{args.matmul} float32 matmul, "
@@ -657,7 +670,7 @@ def main(argv=None) -> None:
     parser.add_argument("--no-torch", action="store_true", help="JAX only")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help="comma-separated 'JAX, <variant>' rows, each the step with one "
-                             f"speed-up undone: {', '.join(VARIANTS)} (default: all), or none")
+                             f"setting changed: {', '.join(VARIANTS)} (default: all), or none")
     parser.add_argument("--reps", type=int, default=5, help="interleaved A/B repetitions")
     parser.add_argument("--scaling-reps", type=int, default=3)
     parser.add_argument("--block-seconds", type=float, default=2.0,
