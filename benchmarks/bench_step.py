@@ -137,10 +137,10 @@ def _tokens(spec: dict):
 
 class JaxBench:
     """jaxtricks' own train step (make_steps), as ``training.run`` builds it; with ``variant``,
-    that step with one speed-up undone (``VARIANTS``)."""
+    that step with one setting changed (``VARIANTS``)."""
 
     def __init__(self, spec: dict | None = None, variant: str | None = None):
-        from jaxtricks.step import tune_host_malloc
+        from jaxtricks.step import tune_host_malloc, use_cpu_devices
 
         if variant != "glibc malloc":
             tune_host_malloc()  # as train.py does, before JAX starts its threads
@@ -149,11 +149,8 @@ class JaxBench:
         self.variant = variant
         import jax
 
-        from jaxtricks.step import use_cpu_devices
-
-        use_cpu_devices(2 if variant == "2 CPU devices" else None)
+        use_cpu_devices(2 if variant == "2 CPU devices" else None)  # as training.preflight does
         jax.devices()  # start the backend before taking the memory baseline
-        import jaxtricks.step  # noqa: F401
 
         self.baseline_mb = max_rss_mb()
         self._matmul = None
