@@ -167,7 +167,7 @@ def test_blocks_keep_the_next_step_queued():
 
 def test_blocks_read_each_steps_metrics_once_the_next_is_dispatched(monkeypatch):
     """As the trainer does. Without the reads, steps queue further ahead than in the trainer: the
-    2-CPU-device step's resident memory then grew by 130 MB a step (BENCHMARKS.md)."""
+    2-CPU-device step of the 10.8M model then page-faulted its memory in again (BENCHMARKS.md)."""
     events = []
 
     class Steps:
