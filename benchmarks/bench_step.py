@@ -23,7 +23,7 @@ Sections (``--sections``):
   scaling   step time vs sequence length (fixed 4,096 tokens per batch) and vs width.
 
 Usage:
-  python benchmarks/bench_step.py                 # all sections, about 20 minutes
+  python benchmarks/bench_step.py                 # all sections, about 22 minutes
   python benchmarks/bench_step.py --quick         # a tiny smoke run (seconds), as in the tests
 """
 
