@@ -17,8 +17,8 @@ Sections (``--sections``):
   step      tokens/s, GFLOP/s, share of the matmul peak, compile time and peak memory for the tiny
             default model and a ~10M-parameter model, JAX vs PyTorch, and the "JAX, <variant>"
             rows: the JAX step with one setting changed (``--variants``): one of its CPU
-            speed-ups undone, or ``cpu_devices=2``, so that what each gives is measured in the
-            same run;
+            speed-ups undone, or ``cpu_devices=2``, or XLA flags added (``--xla-flags``), so
+            that what each gives is measured in the same run;
   breakdown forward / backward / optimizer time of each framework (same models);
   scaling   step time vs sequence length (fixed 4,096 tokens per batch) and vs width.
 
@@ -34,6 +34,7 @@ import functools
 import importlib.util
 import math
 import os
+import re
 import sys
 import time
 
@@ -139,9 +140,12 @@ class JaxBench:
     """jaxtricks' own train step (make_steps), as ``training.run`` builds it; with ``variant``,
     that step with one setting changed (``VARIANTS``)."""
 
-    def __init__(self, spec: dict | None = None, variant: str | None = None):
+    def __init__(self, spec: dict | None = None, variant: str | None = None,
+                 xla_flags: str | None = None):
         from jaxtricks.step import tune_host_malloc, use_cpu_devices
 
+        if xla_flags:  # read when the backend starts (jax.devices() below), not before
+            os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}".strip()
         if variant != "glibc malloc":
             tune_host_malloc()  # as train.py does, before JAX starts its threads
         if variant is not None:
@@ -490,12 +494,15 @@ def _steps_per_block(step_s: float, block_s: float) -> int:
     return max(2, round(block_s / max(step_s, 1e-6)))
 
 
-def _start_workers(spec: dict | None, with_torch: bool, variants: tuple[str, ...] = ()
-                   ) -> tuple[dict, dict]:
-    """A JAX worker, one per variant and (maybe) a PyTorch worker, started one after the other
-    so that each one's compile / first step is timed without another starting up."""
+def _start_workers(spec: dict | None, with_torch: bool, variants: tuple[str, ...] = (),
+                   xla_flags: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """A JAX worker, one per variant and per set of XLA flags, and (maybe) a PyTorch worker,
+    started one after the other so that each one's compile / first step is timed without another
+    starting up."""
     kinds = [("JAX", JaxBench)]
     kinds += [(f"JAX, {v}", functools.partial(JaxBench, variant=v)) for v in variants]
+    kinds += [(f"JAX, XLA_FLAGS={f}", functools.partial(JaxBench, xla_flags=f))
+              for f in xla_flags]
     if with_torch:
         kinds.append(("PyTorch", TorchBench))
     workers, info = {}, {}
@@ -521,7 +528,7 @@ def section_step(args, models: dict, with_torch: bool) -> str:
         spec = make_spec(arch, batch, seq, args.optimizer)
         flops = flops_per_token(ModelConfig(**spec["model"]), seq)
         # Fresh workers per model: each one's ru_maxrss is this model's peak memory.
-        workers, info = _start_workers(spec, with_torch, args.variants)
+        workers, info = _start_workers(spec, with_torch, args.variants, args.xla_flags)
         try:
             per_block, warm_s = {}, {}
             for name, w in workers.items():  # warm up (two steps in flight, as in the blocks);
@@ -555,10 +562,10 @@ def section_step(args, models: dict, with_torch: bool) -> str:
             kept[name] = f"{len(_clean(blocks, args.max_others))}/{len(blocks)}"
         all_blocks = [v for blocks in timings.values() for v in _usable(blocks, args.max_others)]
         peak = 2 * args.matmul**3 / median([mm for _, mm in all_blocks])
-        if args.variants:
-            gains = [f"{v} {step_s[f'JAX, {v}'] / step_s['JAX']:.2f}x" for v in args.variants]
-            notes.append(f"{label}: the variant's step time / JAX's: "
-                         + ", ".join(gains))
+        if changed := [name for name in workers if name not in ("JAX", "PyTorch")]:
+            gains = [f"{name.removeprefix('JAX, ')} {step_s[name] / step_s['JAX']:.2f}x"
+                     for name in changed]
+            notes.append(f"{label}: the variant's step time / JAX's: " + ", ".join(gains))
         notes.append(
             f"{label}: {args.matmul}x{args.matmul} @ {args.matmul}x{args.matmul} float32 matmul, "
             f"interleaved with the steps: jax {peak / 1e9:.1f} GFLOP/s (the peak of this row)"
@@ -656,6 +663,23 @@ def section_scaling(args, base: tuple[dict, int, int], with_torch: bool) -> str:
     return "\n\n".join(tables)
 
 
+def _xla_flags_problem(flags: str) -> str | None:
+    """Why XLA will not start with ``flags`` added to XLA_FLAGS (it aborts the process on an
+    unknown flag or value, so this is tried in a subprocess first), or None."""
+    import subprocess
+
+    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()}
+    proc = subprocess.run(
+        [sys.executable, "-c", "import jax; jax.jit(lambda x: x + 1)(1.0).block_until_ready()"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    if proc.returncode == 0:
+        return None
+    logged = re.findall(r"^[EF]\d{4} [^\]]*\] (.*)$", proc.stderr, re.MULTILINE)  # glog lines
+    lines = logged or proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"]
+    return lines[0]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -668,6 +692,10 @@ def main(argv=None) -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help="comma-separated 'JAX, <variant>' rows, each the step with one "
                              f"setting changed: {', '.join(VARIANTS)} (default: all), or none")
+    parser.add_argument("--xla-flags", action="append", default=[], metavar="FLAGS",
+                        help="a 'JAX, XLA_FLAGS=FLAGS' row: the step with these XLA flags added "
+                             "to XLA_FLAGS; write it with '=', as in --xla-flags="
+                             "--xla_cpu_enable_fast_math=true (repeat for more rows)")
     parser.add_argument("--reps", type=int, default=5, help="interleaved A/B repetitions")
     parser.add_argument("--scaling-reps", type=int, default=3)
     parser.add_argument("--block-seconds", type=float, default=2.0,
@@ -684,6 +712,10 @@ def main(argv=None) -> None:
     if unknown := set(args.variants) - set(VARIANTS):
         parser.error(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(VARIANTS)} "
                      "or none")
+    args.xla_flags = tuple(args.xla_flags)
+    for flags in args.xla_flags:
+        if problem := _xla_flags_problem(flags):
+            parser.error(f"--xla-flags {flags!r}: XLA refused it: {problem}")
     unknown = args.sections - {"step", "breakdown", "scaling"}
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}")
@@ -716,7 +748,9 @@ def main(argv=None) -> None:
           "(JAX only)")
     if args.sections & {"step", "breakdown"}:
         print("'JAX': the step as train.py runs it (tune_host_malloc() called first)"
-              + "".join(f"; 'JAX, {v}': {VARIANTS[v]}" for v in args.variants))
+              + "".join(f"; 'JAX, {v}': {VARIANTS[v]}" for v in args.variants)
+              + "".join(f"; 'JAX, XLA_FLAGS={f}': with {f} added to XLA_FLAGS"
+                        for f in args.xla_flags))
     print(f"medians of {args.reps} interleaved A/B blocks (blocks during which other processes "
           f"used >= {args.max_others:.0%} of the CPUs are set aside and rerun, up to "
           f"{3 * args.reps} rounds); synthetic random tokens\n")

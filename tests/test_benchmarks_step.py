@@ -105,6 +105,27 @@ def test_bench_step_runs_without_torch():
 
 
 @pytest.mark.slow
+def test_bench_step_xla_flags_reach_the_worker(tmp_path):
+    """--xla-flags adds a row whose worker starts XLA with those flags (here: dump the HLO)."""
+    dump = tmp_path / "hlo"
+    out = _run("bench_step.py", "--quick", "--no-torch", "--variants", "none", "--sections",
+               "step", f"--xla-flags=--xla_dump_to={dump}").stdout
+    name = f"JAX, XLA_FLAGS=--xla_dump_to={dump}"
+    assert [r[3] for r in _rows(out, "quick")] == ["JAX", name]
+    assert re.search(r"quick: the variant's step time / JAX's: XLA_FLAGS=\S+ \d+\.\d\dx", out)
+    # The row's worker compiled the train step with the flag (the parent's check of the flags
+    # compiles only a one-line function).
+    assert any(".jit_train_step." in p.name for p in dump.iterdir())
+
+
+def test_bench_step_refuses_flags_xla_does_not_know():
+    proc = _run("bench_step.py", "--quick", "--xla-flags=--xla_cpu_no_such_flag=1", check=False)
+    assert proc.returncode == 2
+    assert "XLA refused it: Unknown flag in XLA_FLAGS: --xla_cpu_no_such_flag=1" in proc.stderr
+    assert "Training step" not in proc.stdout  # refused before any worker started
+
+
+@pytest.mark.slow
 def test_bench_gpu_mfu_quick_runs_on_cpu():
     out = _run("bench_gpu_mfu.py", "--quick").stdout
     (row,) = _rows(out, "cpu")
