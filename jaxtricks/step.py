@@ -66,8 +66,8 @@ def use_cpu_devices(count: int | None) -> None:
     under ``jax.pmap``, each device on its share of the batch. The CPU devices share the cores,
     and two half-batch steps side by side fill the time during which XLA:CPU keeps one thread
     busy and the other idle (attention's small batched matmuls, reductions): on a 2-core machine
-    2 devices made a 1.85M-parameter model's step 1.09x-1.16x faster, a 10.8M one's 1.01x-1.06x and
-    the 0.64M default model's 0.96x (BENCHMARKS.md). ``None`` leaves JAX's default (one CPU
+    2 devices made a 1.85M-parameter model's step 1.09x-1.16x faster, a 10.8M one's 0.98x-1.06x and
+    the 0.64M default model's 0.96x-0.97x (BENCHMARKS.md). ``None`` leaves JAX's default (one CPU
     device, or ``--xla_force_host_platform_device_count``). GPU and TPU devices are not affected.
 
     Call it before JAX starts its backends; ``jaxtricks.training.preflight`` does.
