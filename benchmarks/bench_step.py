@@ -139,7 +139,8 @@ def _tokens(spec: dict):
 
 class JaxBench:
     """jaxtricks' own train step (make_steps), as ``training.run`` builds it; with ``variant``,
-    that step with one setting changed (``VARIANTS``)."""
+    that step with one setting changed (``VARIANTS``); with ``xla_flags``, XLA started with
+    those flags added to XLA_FLAGS."""
 
     def __init__(self, spec: dict | None = None, variant: str | None = None,
                  xla_flags: str | None = None):

@@ -123,6 +123,9 @@ def test_bench_step_refuses_flags_xla_does_not_know():
     assert proc.returncode == 2
     assert "XLA refused it: Unknown flag in XLA_FLAGS: --xla_cpu_no_such_flag=1" in proc.stderr
     assert "Training step" not in proc.stdout  # refused before any worker started
+    twice = "--xla-flags=--xla_cpu_enable_fast_math=false"
+    proc = _run("bench_step.py", "--quick", twice, twice, check=False)
+    assert proc.returncode == 2 and "each row needs its own flags" in proc.stderr
 
 
 @pytest.mark.slow
