@@ -147,7 +147,7 @@ class JaxBench:
         from jaxtricks.step import tune_host_malloc, use_cpu_devices
 
         if xla_flags:  # read when the backend starts (jax.devices() below), not before
-            os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}".strip()
+            os.environ["XLA_FLAGS"] = _with_xla_flags(xla_flags)
         if variant != "glibc malloc":
             tune_host_malloc()  # as train.py does, before JAX starts its threads
         if variant is not None:
@@ -671,12 +671,17 @@ def section_scaling(args, base: tuple[dict, int, int], with_torch: bool) -> str:
     return "\n\n".join(tables)
 
 
+def _with_xla_flags(flags: str) -> str:
+    """XLA_FLAGS as it is in this process's environment, with ``flags`` added."""
+    return f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
+
+
 def _xla_flags_problem(flags: str) -> str | None:
     """Why XLA will not start with ``flags`` added to XLA_FLAGS (it aborts the process on an
     unknown flag or value, so this is tried in a subprocess first), or None."""
     import subprocess
 
-    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()}
+    env = {**os.environ, "XLA_FLAGS": _with_xla_flags(flags)}
     proc = subprocess.run(
         [sys.executable, "-c", "import jax; jax.jit(lambda x: x + 1)(1.0).block_until_ready()"],
         capture_output=True, text=True, env=env, timeout=300,
