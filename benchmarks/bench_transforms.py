@@ -12,6 +12,10 @@ Run it with nothing else heavy on the machine::
 
     python benchmarks/bench_transforms.py            # the full run (a few minutes)
     python benchmarks/bench_transforms.py --quick    # tiny trees, a few rounds (smoke test)
+    python benchmarks/bench_transforms.py --sections main --tune-host-malloc  # malloc as train.py
+
+The ``tried`` section times rewrites of the update that were tried and not kept, against the kept
+code, after checking that they compute the same updates and state.
 
 It prints markdown (the tables of BENCHMARKS.md's "Transforms" section). PyTorch rows appear when
 ``torch`` is importable (``pip install torch==2.13.0``, a CPU build); otherwise a note says so.
@@ -392,7 +396,9 @@ def print_table(results: list[Result], reference: str, *, per_leaf: int | None =
     print()
 
 
-def machine_header(argv: list[str]) -> None:
+def machine_header(argv: list[str], host_malloc: bool | None = None) -> None:
+    """The run's command, date, machine and versions; ``host_malloc``: None when
+    ``--tune-host-malloc`` was not given, else what ``tune_host_malloc()`` returned."""
     versions = (
         f"python {platform.python_version()}, jax {jax.__version__}, "
         f"jaxlib {jax.lib.__version__ if hasattr(jax.lib, '__version__') else '?'}, "
@@ -413,6 +419,14 @@ def machine_header(argv: list[str]) -> None:
     print(f"- OMP_WAIT_POLICY: {policy}")
     if os.environ.get("XLA_FLAGS"):
         print(f"- XLA_FLAGS: `{os.environ['XLA_FLAGS']}`")
+    if host_malloc is None:
+        print("- host malloc: as it is (`--tune-host-malloc` not given)")
+    elif host_malloc:
+        print("- host malloc: `jaxtricks.step.tune_host_malloc()` applied before JAX started "
+              "(one arena, no mmap, no trimming)")
+    else:
+        print("- host malloc: `--tune-host-malloc` given but not applied (not glibc, or "
+              "JAXTRICKS_HOST_MALLOC=default): as it is")
     print()
 
 
@@ -611,19 +625,29 @@ def noop_chain() -> optax.GradientTransformation:
         updates, state))
 
 
-def noop_dispatch_ms(shapes, calls: int) -> tuple[float, float]:
-    """Median ms until a call of the no-op update returns (JAX's host-side work: the arguments,
-    donation, the output arrays; XLA runs the kernels asynchronously) and until its results are
-    ready. The gap between the two is about what XLA's kernels take."""
-    case = make_cases(shapes, {NOOP: noop_chain()}, with_torch=False, grad_scale=1e-3)[NOOP]
+def returned_and_ready_ms(call: Callable[[], Any], calls: int) -> tuple[float, float]:
+    """Median ms until ``call()`` returns (JAX's host-side work: the arguments, donation, the
+    output arrays; XLA runs the kernels asynchronously) and until what it returned is ready. The
+    gap between the two is about what XLA's kernels take."""
     returned, ready = [], []
     for _ in range(calls + 2):  # the first two warm up
         start = time.perf_counter()
-        case.params, case.state = case.compiled(case.params, case.state, case.grads)
+        out = call()
         returned.append(time.perf_counter() - start)
-        jax.block_until_ready((case.params, case.state))
+        jax.block_until_ready(out)
         ready.append(time.perf_counter() - start)
     return 1e3 * statistics.median(returned[2:]), 1e3 * statistics.median(ready[2:])
+
+
+def noop_dispatch_ms(shapes, calls: int) -> tuple[float, float]:
+    """:func:`returned_and_ready_ms` of the no-op update."""
+    case = make_cases(shapes, {NOOP: noop_chain()}, with_torch=False, grad_scale=1e-3)[NOOP]
+
+    def call():
+        case.params, case.state = case.compiled(case.params, case.state, case.grads)
+        return case.params, case.state
+
+    return returned_and_ready_ms(call, calls)
 
 
 def section_scaling(counts: list[int], size: int, timing_for: Callable[[int], Timing]) -> None:
@@ -673,7 +697,263 @@ def section_scaling(counts: list[int], size: int, timing_for: Callable[[int], Ti
         print(TORCH_MISSING)
 
 
-SECTIONS = ("check", "main", "breakdown", "scaling")
+# --------------------------------------------------------------------------- tried, not kept
+# Rewrites that were measured against the kept code and not kept (BENCHMARKS.md says why). Each
+# keeps the kept code's contract and state, so `tried_check` compares them number for number.
+
+KEPT_SKIP = "jaxtricks(mask=decay_mask, skip_nonfinite=True)"
+SMALL_BELOW = 4096  # elements: a leaf this small joins the concatenated vector of the norm
+
+
+def all_finite(tree) -> jax.Array:
+    """Whether every element is finite: one reduction per leaf, as in skip_nonfinite."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(tree)]))
+
+
+def skipped_state(state, skip, inner_state) -> jaxtricks.SkipNonfiniteState:
+    """skip_nonfinite's state after a step whose inner state is ``inner_state``."""
+    zero = jnp.zeros([], jnp.int32)
+    return jaxtricks.SkipNonfiniteState(
+        inner_state=inner_state,
+        total_skipped=jnp.where(
+            skip, optax.safe_increment(state.total_skipped), state.total_skipped
+        ),
+        consecutive_skipped=jnp.where(skip, optax.safe_increment(state.consecutive_skipped), zero),
+        last_skipped=skip,
+    )
+
+
+def zeroed(skip, updates):
+    return jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), updates)
+
+
+def skip_by_select(inner) -> optax.GradientTransformationExtraArgs:
+    """skip_nonfinite without a branch, as it was before commit cb7ef3a: the inner update always
+    runs, then ``jnp.where(skip, old, new)`` over every leaf of the inner state and
+    ``jnp.where(skip, 0, u)`` over the updates. Not kept: to keep the old state next to the new
+    one XLA copies the parameters and both Adam moments, and the selects are extra passes
+    (BENCHMARKS.md: 1.46x-1.61x the branch's time on GPT-2, 346 copies, 965 MiB of temps)."""
+    inner = optax.with_extra_args_support(inner)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        skip = jnp.logical_not(all_finite(updates))
+        new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
+        kept = jax.tree.map(lambda old, new: jnp.where(skip, old, new), state.inner_state,
+                            new_inner)
+        return zeroed(skip, new_updates), skipped_state(state, skip, kept)
+
+    return optax.GradientTransformationExtraArgs(jaxtricks.skip_nonfinite(inner).init, update_fn)
+
+
+def skip_branch_state_only(inner) -> optax.GradientTransformationExtraArgs:
+    """A ``lax.cond`` that chooses the inner state only; the updates are computed again outside
+    the branch and zeroed with ``jnp.where``, so that ``apply_updates`` could fuse them into the
+    parameters. Not kept: the inner update runs twice and XLA copies more (BENCHMARKS.md: 2.2x
+    the branch's time on GPT-2, 642 copies)."""
+    inner = optax.with_extra_args_support(inner)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        skip = jnp.logical_not(all_finite(updates))
+
+        def advance(_):
+            return inner.update(updates, state.inner_state, params, **extra_args)[1]
+
+        kept = jax.lax.cond(jnp.logical_not(skip), advance, lambda _: state.inner_state, None)
+        new_updates, _ = inner.update(updates, state.inner_state, params, **extra_args)
+        return zeroed(skip, new_updates), skipped_state(state, skip, kept)
+
+    return optax.GradientTransformationExtraArgs(jaxtricks.skip_nonfinite(inner).init, update_fn)
+
+
+def skip_on_global_norm(inner) -> optax.GradientTransformationExtraArgs:
+    """skip_nonfinite's branch, the skip decided on the gradient's global norm (the expression
+    the clip computes): a NaN or inf element makes it non-finite, so the per-leaf ``isfinite``
+    reductions run only then, in a ``lax.cond`` (an overflowing norm of finite elements must not
+    skip). Not kept: no gain once the update is a branch (BENCHMARKS.md: 1.239x optax's time for
+    the default config against 1.231x, and 358 more kernels to compile)."""
+    inner = optax.with_extra_args_support(inner)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        skip = jax.lax.cond(
+            jnp.isfinite(jaxtricks.global_norm(updates)),
+            lambda _: jnp.zeros([], jnp.bool_),
+            lambda _: jnp.logical_not(all_finite(updates)),
+            None,
+        )
+
+        def apply(_):  # the branches of skip_nonfinite (jaxtricks/clipping.py)
+            return inner.update(updates, state.inner_state, params, **extra_args)
+
+        def reject(_):
+            zeros = jax.tree.map(lambda u: jnp.zeros(u.shape, u.dtype),
+                                 jax.eval_shape(apply, None)[0])
+            return zeros, state.inner_state
+
+        new_updates, kept = jax.lax.cond(jnp.logical_not(skip), apply, reject, None)
+        return new_updates, skipped_state(state, skip, kept)
+
+    return optax.GradientTransformationExtraArgs(jaxtricks.skip_nonfinite(inner).init, update_fn)
+
+
+def skip_variants(h: Hyper) -> dict[str, Any]:
+    """The default config's chain (the kept code first) and the tried ways to skip around it."""
+    inner = jaxtricks_chain(h, mask=jaxtricks.decay_mask)
+    return {
+        KEPT_SKIP: jaxtricks_chain(h, mask=jaxtricks.decay_mask, skip_nonfinite=True),
+        "no branch: jnp.where over the state and the updates": skip_by_select(inner),
+        "branch for the state only, updates again outside": skip_branch_state_only(inner),
+        "skip decided on the global norm": skip_on_global_norm(inner),
+    }
+
+
+def clip_by_concatenated_norm(max_norm: float, small_below: int) -> optax.GradientTransformation:
+    """jaxtricks.clip_by_global_norm (one factor, the pre-clip norm in its state) whose norm sums
+    the leaves under ``small_below`` elements as one concatenated vector, the big ones per leaf:
+    fewer kernels on many small leaves. Not kept: a gain of the order of the noise
+    (BENCHMARKS.md: 0.90x-0.99x the plain chain's time on 1,000 leaves, 0.92x on 100, 1.05x on
+    GPT-2)."""
+
+    def norm(tree):
+        leaves = [g.astype(jnp.promote_types(g.dtype, jnp.float32)) for g in jax.tree.leaves(tree)]
+        small = [g.ravel() for g in leaves if g.size < small_below]
+        squares = [jnp.sum(jnp.square(g)) for g in leaves if g.size >= small_below]
+        if small:
+            squares.append(jnp.sum(jnp.square(jnp.concatenate(small))))
+        return jnp.sqrt(sum(squares, start=jnp.zeros([], jnp.float32))).astype(jnp.float32)
+
+    def update_fn(updates, state, params=None):
+        del state, params
+        grad_norm = norm(updates)
+        factor = 1.0 / jnp.maximum(1.0, grad_norm / max_norm)
+        clipped = jax.tree.map(lambda g: (g * factor).astype(g.dtype), updates)
+        return clipped, jaxtricks.ClipByGlobalNormState(grad_norm, grad_norm > max_norm)
+
+    return optax.GradientTransformation(jaxtricks.clip_by_global_norm(max_norm).init, update_fn)
+
+
+def clip_variants(h: Hyper, small_below: int = SMALL_BELOW) -> dict[str, Any]:
+    """The plain jaxtricks chain, and the same with the concatenated norm in the clip (the
+    pieces of make_optimizer in its order; `tried_check` checks that the states match)."""
+    schedule = jaxtricks.warmup_then(h.warmup, jaxtricks.exponential_decay(h.peak_lr, h.decay))
+    concatenated = optax.chain(
+        clip_by_concatenated_norm(h.clip, small_below),
+        jaxtricks.l1_regularization(h.l1),
+        jaxtricks.l2_regularization(h.l2),
+        optax.scale_by_adam(b1=h.b1, b2=h.b2, eps=h.eps),
+        jaxtricks.weight_decay(h.weight_decay),
+        jaxtricks.scale_by_learning_rate(schedule),
+    )
+    return {"jaxtricks": jaxtricks_chain(h), "jaxtricks, clip norm over small leaves "
+            f"(< {small_below:,}) concatenated": concatenated}
+
+
+def trajectory(tx, shapes, params_np, grads_seq) -> list[Any]:
+    """(updates, state) after each step of ``tx``, jitted, the updates applied in between."""
+    update = jax.jit(tx.update)
+    params = to_jax(shapes, params_np)
+    state = tx.init(params)
+    out = []
+    for grads_np in grads_seq:
+        updates, state = update(to_jax(shapes, grads_np), state, params)
+        params = optax.apply_updates(params, updates)
+        out.append(jax.device_get((updates, state)))
+    return out
+
+
+def tree_diff(a, b) -> float:
+    """Max |a - b| over the leaves of two trees (inf if their structures differ; equal values,
+    inf included, differ by 0; a NaN against anything gives NaN)."""
+    if jax.tree.structure(a) != jax.tree.structure(b):
+        return math.inf
+    diffs = [0.0]
+    with np.errstate(invalid="ignore"):
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+            diffs.append(np.max(np.where(x == y, 0.0, np.abs(x - y)), initial=0.0))
+    return float(np.max(diffs))
+
+
+def tried_check() -> None:
+    """Each tried rewrite against the kept code: updates and state after every step of a few."""
+    shapes = mixed_shapes()
+    params_np = random_arrays(shapes, 0, 1.0)
+    finite = [random_arrays(shapes, 20 + i, 0.3) for i in range(3)]  # norm ~3: clipped
+    nan = [g.copy() for g in finite[1]]
+    nan[0].flat[0] = np.nan
+    huge = [g * 1e30 for g in finite[2]]  # finite, but the squares' sum overflows: no skip
+    skip_grads = [finite[0], nan, huge, finite[1]]
+    clip_grads = [finite[0], finite[1], [g * 1e-3 for g in finite[2]]]  # clipped, then not
+    runs = [(skip_variants(CHECK), skip_grads), (clip_variants(CHECK, small_below=32), clip_grads)]
+    print(f"Same contract: each rewrite against the kept code (the first row of its table) over "
+          f"a few jitted steps on a mixed tree ({describe(shapes)}); max |difference| of the "
+          "updates and the state after every step:")
+    diffs, skipped = {}, []
+    for variants, grads_seq in runs:
+        (kept_name, kept_tx), *tried = variants.items()
+        kept = trajectory(kept_tx, shapes, params_np, grads_seq)
+        if kept_name == KEPT_SKIP:
+            skipped = [bool(state.last_skipped) for _, state in kept]
+        for name, tx in tried:
+            diffs[name] = tree_diff(kept, trajectory(tx, shapes, params_np, grads_seq))
+            print(f"- {name}: {diffs[name]:.2g}")
+    # The steps must test the contract: the NaN step skipped, the overflowing norm's not.
+    print(f"- steps the kept skip_nonfinite skipped (finite, NaN, norm overflows, finite): "
+          f"{skipped}")
+    ok = skipped == [False, True, False, False] and all(d < 1e-5 for d in diffs.values())
+    print(f"- tried rewrites {'OK' if ok else 'MISMATCH'} (tolerance 1e-5)\n")
+
+
+def add_only_ms(count: int, size: int, state_count: int, calls: int) -> tuple[float, float]:
+    """:func:`returned_and_ready_ms` of the smallest jitted call over the no-op row's arrays:
+    ``p + g`` over ``count`` arrays of ``(size,)`` each, a ``state_count``-array state passed
+    through unchanged, ``p`` and the state donated."""
+
+    def arrays(n):
+        return {f"leaf{i:05d}": jnp.full((size,), i, jnp.float32) for i in range(n)}
+
+    p, g, state = arrays(count), arrays(count), arrays(state_count)
+
+    def add(p, g, state):
+        return jax.tree.map(jnp.add, p, g), state
+
+    compiled = jax.jit(add, donate_argnums=(0, 2)).lower(p, g, state).compile()
+
+    def call():
+        nonlocal p, state
+        p, state = compiled(p, g, state)
+        return p, state
+
+    return returned_and_ready_ms(call, calls)
+
+
+def section_tried(big, big_title: str, big_timing: Timing, counts: list[int],
+                  leaves_timing: Timing, floor_count: int) -> None:
+    """The rewrites of the update that BENCHMARKS.md reports as tried and not kept."""
+    print("### Tried and not kept\n")
+    print("Each table times rewrites against the kept code, its first row (the reference of "
+          "the ratios), interleaved; every rewrite keeps the kept code's contract and state.\n")
+    tried_check()
+    print(f"#### skip_nonfinite written other ways, around the default config's chain: "
+          f"{big_title}, {describe(big)}, {big_timing}\n")
+    print_table(timed(big, skip_variants(BENCH), big_timing, with_torch=False), KEPT_SKIP)
+    trees = [(f"{count:,} small leaves", small_leaves_shapes(count), leaves_timing)
+             for count in counts] + [(big_title, big, big_timing)]
+    for title, shapes, timing in trees:
+        print(f"#### The clip's norm over the small leaves concatenated: {title}, "
+              f"{describe(shapes)}, {timing}\n")
+        print_table(timed(shapes, clip_variants(BENCH), timing, with_torch=False), "jaxtricks")
+    size = 64
+    many = add_only_ms(floor_count, size, 2 * floor_count, 30)
+    one = add_only_ms(1, floor_count * size, 1, 30)
+    print(f"The floor of a jitted call per array: `p + g` alone (jitted, `p` and the state "
+          f"donated), median of 30 calls. Over {floor_count:,} arrays of ({size},) per `p` and "
+          f"`g` and a {2 * floor_count:,}-array state passed through: the call returns after "
+          f"{many[0]:.2f} ms, its results are ready after {many[1]:.2f} ms. The same arithmetic "
+          f"on one {floor_count * size:,}-element array per argument: returns after "
+          f"{one[0]:.2f} ms, ready after {one[1]:.2f} ms.\n")
+
+
+SECTIONS = ("check", "main", "breakdown", "scaling", "tried")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -684,8 +964,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--sections",
         default=None,
-        help="comma-separated subset of check,main,breakdown,scaling "
-        "(default: all; with --quick: check,main,scaling)",
+        help="comma-separated subset of check,main,breakdown,scaling,tried "
+        "(default: all; with --quick: check,main,scaling,tried). tried: rewrites of the update "
+        "measured against the kept code and not kept",
     )
     parser.add_argument(
         "--max-leaves",
@@ -694,8 +975,19 @@ def main(argv: list[str] | None = None) -> None:
         help="largest leaf count of the scaling table (its compile time grows superlinearly: "
         "1,000 leaves take about a minute, 3,000 several)",
     )
+    parser.add_argument(
+        "--tune-host-malloc",
+        action="store_true",
+        help="call jaxtricks.step.tune_host_malloc() first, as train.py does (XLA's temporary "
+        "buffers stay mapped between updates; the header says whether glibc took it)",
+    )
     args = parser.parse_args(argv)
-    default_sections = "check,main,scaling" if args.quick else ",".join(SECTIONS)
+    host_malloc = None  # not asked
+    if args.tune_host_malloc:  # before JAX starts its backend and threads: nothing above does
+        from jaxtricks.step import tune_host_malloc
+
+        host_malloc = tune_host_malloc()
+    default_sections = "check,main,scaling,tried" if args.quick else ",".join(SECTIONS)
     sections = (args.sections or default_sections).split(",")
     if unknown := set(sections) - set(SECTIONS):
         parser.error(f"--sections: unknown {sorted(unknown)}; known: {', '.join(SECTIONS)}")
@@ -710,6 +1002,7 @@ def main(argv: list[str] | None = None) -> None:
         title = "GPT-2-shaped, tiny (--quick)"
         main_timing = breakdown_timing = Timing(args.rounds or 2)
         counts = [c for c in (1, 10) if c <= args.max_leaves]
+        tried_counts, tried_timing, floor_count = [10], Timing(2), 10
 
         def timing_for(count):
             return Timing(2)
@@ -720,12 +1013,14 @@ def main(argv: list[str] | None = None) -> None:
         main_timing = Timing(args.rounds or 10)  # ~0.5 s per update: no settling needed
         breakdown_timing = main_timing
         counts = [c for c in (1, 10, 100, 1000, 3000, 10000) if c <= args.max_leaves]
+        tried_counts, tried_timing, floor_count = [100, 1000], Timing(20, settle=1, inner=5), 1000
 
         def timing_for(count):
             return Timing(20 if count <= 100 else 10, settle=1, inner=5)
 
     print("## Transforms\n")
-    machine_header(sys.argv if argv is None else ["benchmarks/bench_transforms.py", *argv])
+    machine_header(sys.argv if argv is None else ["benchmarks/bench_transforms.py", *argv],
+                   host_malloc)
     print(LEGEND)
     if "check" in sections:
         equivalence_check()
@@ -735,6 +1030,8 @@ def main(argv: list[str] | None = None) -> None:
         section_breakdown(big, breakdown_timing)
     if "scaling" in sections:
         section_scaling(counts, 64, timing_for)
+    if "tried" in sections:
+        section_tried(big, title, main_timing, tried_counts, tried_timing, floor_count)
 
 
 if __name__ == "__main__":
