@@ -19,10 +19,9 @@ import argparse
 import importlib.util
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Worker, machine_line, markdown_table, median  # noqa: E402
+from common import Worker, machine_line, markdown_table, median, median_seconds  # noqa: E402
 
 
 def _inputs(batch, seq, heads, head_dim):
@@ -30,16 +29,6 @@ def _inputs(batch, seq, heads, head_dim):
 
     rng = np.random.default_rng(0)
     return [rng.standard_normal((batch, seq, heads, head_dim), dtype=np.float32) for _ in range(4)]
-
-
-def _timed(fn, n: int) -> float:
-    fn()  # compile / warm up
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return median(times)
 
 
 class JaxAttention:
@@ -66,7 +55,7 @@ class JaxAttention:
             ))
             self._compiled[shape, num_blocks] = (grad, q, k, v)
         grad, q, k, v = self._compiled[shape, num_blocks]
-        return _timed(lambda: jax.block_until_ready(grad(q, k, v)), n)
+        return median_seconds(lambda: jax.block_until_ready(grad(q, k, v)), n)
 
 
 class TorchAttention:
@@ -87,7 +76,7 @@ class TorchAttention:
         def step():
             (F.scaled_dot_product_attention(q, k, v, is_causal=True) * w).sum().backward()
 
-        return _timed(step, n)
+        return median_seconds(step, n)
 
 
 def main(argv=None) -> None:

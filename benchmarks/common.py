@@ -49,6 +49,20 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
+def median_seconds(fn: Callable[[], Any], n: int) -> float:
+    """Median seconds of ``n`` calls of ``fn`` (which must wait for its result), after one
+    untimed call to compile or warm up."""
+    import time
+
+    fn()
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return median(times)
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub markdown table; numbers should already be formatted as strings."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]

@@ -206,3 +206,35 @@ def test_blocks_read_each_steps_metrics_once_the_next_is_dispatched(monkeypatch)
     seconds, _ = bench.run(3)
     assert seconds > 0 and bench.state == 3
     assert events == [("dispatch", 1), ("dispatch", 2), ("read", 1), ("dispatch", 3), ("read", 2)]
+
+
+def test_bench_step_tried_quick_measures_each_rewrite_and_option():
+    # Two rewrites (one of the model, one XLA option), the dots, and the HLO comparison.
+    out = _run("bench_step_tried.py", "--quick", "--rewrites",
+               "GELU backward by hand,memory-optimized schedule").stdout
+    kept, gelu, memory = _rows(out, "quick")
+    assert kept[1] == "kept step"
+    # The rewrite of the model computes the same function (its first step's loss is the kept
+    # step's) with another compiled program; the XLA option changes the program, not the math.
+    for row, name in ((gelu, "GELU backward by hand"), (memory, "memory-optimized schedule")):
+        assert row[1] == name
+        _positive(row[2])
+        assert re.fullmatch(rf"\*\*{NUMBER}\*\*", row[3]) and re.fullmatch(
+            rf"{NUMBER}-{NUMBER}", row[4]), row
+        assert row[6] == kept[6], (row, kept)
+        assert row[7] == "changed", row
+    dots = _rows(out, "`X W 64x32 . 32x96`")
+    assert len(dots) == 1 and len(dots[0]) == (4 if HAS_TORCH else 3), out
+    for cell in dots[0][1:]:
+        _positive(cell)
+    assert re.search(r"^\| `xla_cpu_enable_fast_math=True` \| unchanged, byte for byte \|$", out,
+                     re.M), out
+    assert re.search(r"^\| `xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE` \| "
+                     r"\d+ lines differ \|$", out, re.M), out
+
+
+def test_bench_step_tried_refuses_unknown_rewrites():
+    proc = _run("bench_step_tried.py", "--quick", "--rewrites", "faster please", check=False)
+    assert proc.returncode == 2
+    assert ("--rewrites: unknown ['faster please']; choose from kept step again, einsum "
+            "attention") in proc.stderr
