@@ -222,6 +222,9 @@ def batch_halves_train_step(state, batch, rng, *, graphdef, rest, optimizer, axi
     return TrainState(state.step + 1, params, opt_state), metrics
 
 
+# XLA:CPU compiled with Eigen's dots instead of YNNPACK's (YNNPACK keeps the reductions).
+EIGEN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+
 # name -> (what it is, {(owner, attribute): replacement} patched while the step is traced, XLA
 # compiler options). Each is the kept step with that one thing changed; owners are named by their
 # import path, so that the arguments are checked before JAX is imported.
@@ -255,8 +258,7 @@ REWRITES = {
         {("jaxtricks.model", "matmul_2d"): ynnpack_dw_matmul}, {}),
     "Eigen dots": (
         "XLA option xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE: Eigen's "
-        "dots, YNNPACK's reductions", {},
-        {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}),
+        "dots, YNNPACK's reductions", {}, EIGEN_DOTS),
     "concurrency-optimized schedule": (
         "XLA option xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED", {},
         {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED"}),
@@ -285,16 +287,15 @@ ORIGINALS: dict = {}  # (owner path, attribute) -> what it was before ``patched`
 @contextlib.contextmanager
 def patched(replacements: dict):
     """Set each ``(owner, attribute)`` to its replacement; put the originals back on exit."""
-    targets = {(_owner(path), name): value for (path, name), value in replacements.items()}
-    saved = {key: getattr(*key) for key in targets}
-    ORIGINALS.update({(path, name): getattr(_owner(path), name) for path, name in replacements})
+    owners = {path: _owner(path) for path, _ in replacements}
+    ORIGINALS.update({(path, name): getattr(owners[path], name) for path, name in replacements})
     try:
-        for (owner, name), value in targets.items():
-            setattr(owner, name, value)
+        for (path, name), value in replacements.items():
+            setattr(owners[path], name, value)
         yield
     finally:
-        for (owner, name), value in saved.items():
-            setattr(owner, name, value)
+        for path, name in replacements:
+            setattr(owners[path], name, ORIGINALS[(path, name)])
 
 
 # --------------------------------------------------------------------------- compiled steps
@@ -447,8 +448,7 @@ class JaxDots:
             b = jax.random.normal(jax.random.key(1), rhs, jnp.float32)
             lowered = jax.jit(functools.partial(
                 jax.lax.dot_general, dimension_numbers=(contract, ((), ())))).lower(a, b)
-            for backend, options in (("XLA (YNNPACK)", None), ("XLA (Eigen)", {
-                    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"})):
+            for backend, options in (("XLA (YNNPACK)", None), ("XLA (Eigen)", EIGEN_DOTS)):
                 self.fns[(name, backend)] = (lowered.compile(options), a, b)
 
     def time(self, name: str, backend: str, calls: int) -> float:
@@ -525,7 +525,7 @@ HLO_OPTIONS = {  # XLA:CPU options tried on the step (as compiler options: the s
     "xla_cpu_copy_insertion_use_region_analysis": True,
     "xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
     "xla_cpu_use_fusion_emitters": False,
-    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE",
+    **EIGEN_DOTS,
 }
 
 
