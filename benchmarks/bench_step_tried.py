@@ -24,6 +24,8 @@ Sections (``--sections``):
 Usage:
   python benchmarks/bench_step_tried.py                  # every section, tiny and small models
   python benchmarks/bench_step_tried.py --sections step --models tiny --pairs 20
+  python benchmarks/bench_step_tried.py --sections step --pairs 36 --copies 3 \
+      --rewrites "kept step again,einsum attention"   # each side compiled 3 times
   python benchmarks/bench_step_tried.py --quick          # a smoke run (seconds), as in the tests
 """
 
@@ -268,6 +270,9 @@ REWRITES = {
     "Eigen on one thread": (
         "XLA option xla_cpu_multi_thread_eigen=false", {}, {"xla_cpu_multi_thread_eigen": False}),
 }
+REWRITES["step in batch halves + einsum attention"] = (
+    "the two above at once", {**REWRITES["step in batch halves"][1],
+                              **REWRITES["einsum attention"][1]}, {})
 
 
 def _owner(path: str):
@@ -355,17 +360,19 @@ class CompiledStep:
         return time.perf_counter() - start
 
 
-def paired(kept: CompiledStep, other: CompiledStep, pairs: int, steps: int):
+def paired(kept: list[CompiledStep], other: list[CompiledStep], pairs: int, steps: int):
     """Times of ``pairs`` pairs of blocks of ``steps`` steps, the two run back to back (the order
-    swapped every pair): (kept's block times, other's block times)."""
+    swapped every pair), pair ``i`` on the ``i % len``-th compiled copy of each: (kept's block
+    times, other's block times)."""
     kept_s, other_s = [], []
     for i in range(pairs):
+        a, b = kept[i % len(kept)], other[i % len(other)]
         if i % 2:
-            other_s.append(other.run(steps))
-            kept_s.append(kept.run(steps))
+            other_s.append(b.run(steps))
+            kept_s.append(a.run(steps))
         else:
-            kept_s.append(kept.run(steps))
-            other_s.append(other.run(steps))
+            kept_s.append(a.run(steps))
+            other_s.append(b.run(steps))
     return kept_s, other_s
 
 
@@ -376,7 +383,7 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
     return float(q1), float(q2), float(q3)
 
 
-def section_step(models: dict, names: list[str], pairs: int) -> str:
+def section_step(models: dict, names: list[str], pairs: int, copies: int = 1) -> str:
     out = []
     table = REWRITES
     out.append("Each rewrite: " + "; ".join(f"**{n}**: {table[n][0]}" for n in names) + ".\n")
@@ -388,25 +395,31 @@ def section_step(models: dict, names: list[str], pairs: int) -> str:
         throwaway = CompiledStep(spec)
         throwaway.run(2)
         del throwaway
-        kept = CompiledStep(spec)
-        kept.run(2)
-        steps = max(2, round(2.0 / (kept.run(2) / 2)))  # blocks of about 2 s, two steps at least
-        rows, kept_times, kept_hlo = [], [], kept.hlo()
+        # Copies of one program differed by a few percent (the A/A rows), so with ``copies`` > 1
+        # each side is compiled that many times and the pairs cycle through the copies.
+        kept = [CompiledStep(spec) for _ in range(copies)]
+        for k in kept:
+            k.run(2)
+        steps = max(2, round(2.0 / (kept[0].run(2) / 2)))  # blocks of ~2 s, two steps at least
+        rows, kept_times, kept_hlo = [], [], kept[0].hlo()
         for name in names:
             _, replacements, options = table[name]
-            other = CompiledStep(spec, replacements, options)
-            other.run(2)
+            other = [CompiledStep(spec, replacements, options) for _ in range(copies)]
+            for o in other:
+                o.run(2)
             kept_s, other_s = paired(kept, other, pairs, steps)
             kept_times += kept_s
             q1, q2, q3 = quartiles([b / a for a, b in zip(kept_s, other_s, strict=True)])
             rows.append([label, name, f"{1e3 * median(other_s) / steps:.0f}", f"**{q2:.3f}**",
-                         f"{q1:.3f}-{q3:.3f}", f"{other.temp_mb:.0f}", f"{other.first_loss:.4f}",
-                         "same" if other.hlo() == kept_hlo else "changed"])
+                         f"{q1:.3f}-{q3:.3f}", f"{other[0].temp_mb:.0f}",
+                         f"{other[0].first_loss:.4f}",
+                         "same" if other[0].hlo() == kept_hlo else "changed"])
             del other
         rows.insert(0, [label, "kept step", f"{1e3 * median(kept_times) / steps:.0f}", "1",
-                        "", f"{kept.temp_mb:.0f}", f"{kept.first_loss:.4f}", ""])
+                        "", f"{kept[0].temp_mb:.0f}", f"{kept[0].first_loss:.4f}", ""])
+        on_copies = f", cycling through {copies} compiled copies of each" if copies > 1 else ""
         out.append(f"{label}: {arch}, batch {batch} x {seq}, {pairs} pairs of blocks of "
-                   f"{steps} steps\n")
+                   f"{steps} steps{on_copies}\n")
         out.append(markdown_table(
             ["model", "step", "ms per step", "time / kept step's (median of pairs)",
              "IQR", "XLA temp MB", "first step's loss", "optimized HLO vs kept step's"],
@@ -568,6 +581,9 @@ def main(argv=None) -> None:
                         help="comma-separated rewrites of the step section (default: all)")
     parser.add_argument("--pairs", type=int, default=10,
                         help="alternating pairs of blocks per rewrite (step section)")
+    parser.add_argument("--copies", type=int, default=1,
+                        help="compiled copies of the kept step and of each rewrite, the pairs "
+                        "cycling through them (step section)")
     parser.add_argument("--no-torch", action="store_true", help="leave out PyTorch's dots")
     parser.add_argument("--quick", action="store_true",
                         help="a tiny model, two pairs, a few calls: a smoke run")
@@ -575,6 +591,8 @@ def main(argv=None) -> None:
     sections = args.sections.split(",")
     if unknown := set(sections) - set(SECTIONS):
         parser.error(f"--sections: unknown {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    if args.copies < 1 or args.pairs < 1:
+        parser.error(f"--copies and --pairs: at least 1 (got {args.copies}, {args.pairs})")
     known = list(REWRITES)
     names = known if args.rewrites is None else args.rewrites.split(",")
     if unknown := set(names) - set(known):
@@ -598,7 +616,7 @@ def main(argv=None) -> None:
     print(f"command: `{command}`\n\nmachine: {machine_line()}\n")
     if "step" in sections:
         print("### Rewrites of the step, each against the kept step in one process\n")
-        print(section_step(models, names, pairs))
+        print(section_step(models, names, pairs, args.copies))
     if "dots" in sections:
         label, (arch, batch, seq) = ("quick", QUICK_MODELS["quick"]) if args.quick else \
             ("small", MODELS["small"])
