@@ -137,6 +137,25 @@ def _tokens(spec: dict):
 # --------------------------------------------------------------------------- JAX worker
 
 
+# This worker process's own use of the machine over its timed step blocks (``run``), since the
+# last ``usage()`` call: wall and CPU seconds, system seconds, minor page faults, steps.
+_USAGE = dict.fromkeys(("wall_s", "cpu_s", "sys_s", "minor_faults", "steps"), 0)
+
+
+def _count_usage(block: OthersShare, seconds: float, steps: int) -> None:
+    for key, value in (("wall_s", seconds), ("cpu_s", block.own_cpu_s),
+                       ("sys_s", block.own_sys_s), ("minor_faults", block.minor_faults),
+                       ("steps", steps)):
+        _USAGE[key] += value
+
+
+def usage() -> dict:
+    """What ``_USAGE`` holds, which is then reset."""
+    taken = dict(_USAGE)
+    _USAGE.update(dict.fromkeys(_USAGE, 0))
+    return taken
+
+
 class JaxBench:
     """jaxtricks' own train step (make_steps), as ``training.run`` builds it; with ``variant``,
     that step with one setting changed (``VARIANTS``); with ``xla_flags``, XLA started with
@@ -224,6 +243,7 @@ class JaxBench:
                     unreplicate_metrics(pending, self.steps)
             jax.block_until_ready((self.state, metrics))
             seconds = time.perf_counter() - start
+        _count_usage(others, seconds, n)
         return seconds, others.share
 
     def matmul(self, size: int, n: int) -> tuple[float, float | None]:
@@ -248,6 +268,8 @@ class JaxBench:
 
     def memory(self) -> dict:
         return {"peak_rss_mb": max_rss_mb(), "baseline_mb": self.baseline_mb}
+
+    usage = staticmethod(usage)
 
     def _build_parts(self):
         """Forward, forward+backward and the optimizer update, each jitted on its own."""
@@ -428,6 +450,7 @@ class TorchBench:
             for _ in range(n):
                 self._step()
             seconds = time.perf_counter() - start
+        _count_usage(others, seconds, n)
         return seconds, others.share
 
     def matmul(self, size: int, n: int) -> tuple[float, float | None]:
@@ -448,6 +471,8 @@ class TorchBench:
 
     def memory(self) -> dict:
         return {"peak_rss_mb": max_rss_mb(), "baseline_mb": self.baseline_mb}
+
+    usage = staticmethod(usage)
 
     def breakdown(self, n: int) -> tuple[dict, float | None]:
         parts = {"forward": [], "backward": [], "optimizer": [], "step": []}
@@ -542,6 +567,8 @@ def section_step(args, models: dict, with_torch: bool) -> str:
                 warm_s[name] = w.call("run", 2)[0] / 2  # size the blocks from compiled steps
                 per_block[name] = _steps_per_block(warm_s[name], args.block_seconds)
             peak_worker.call("matmul", args.matmul, 1)  # compile the matmul outside the loop
+            for w in workers.values():
+                w.call("usage")  # count the timed blocks only
 
             def one(name, w, per_block=per_block, peak_worker=peak_worker):
                 seconds, share = w.call("run", per_block[name])
@@ -551,6 +578,7 @@ def section_step(args, models: dict, with_torch: bool) -> str:
 
             timings = _interleaved(workers, one, args.reps, args.max_others)
             memory = {name: w.call("memory") for name, w in workers.items()}
+            used = {name: w.call("usage") for name, w in workers.items()}
             torch_mm = workers["PyTorch"].call("matmul", args.matmul, 3)[0] if with_torch else None
             if "breakdown" in args.sections:  # of JAX and PyTorch (not of the variants)
                 # Each call times every phase n times (about one block of wall time in all).
@@ -574,6 +602,10 @@ def section_step(args, models: dict, with_torch: bool) -> str:
             gains = [f"{name.removeprefix('JAX, ')} {step_s[name] / step_s['JAX']:.2f}x"
                      for name in changed]
             notes.append(f"{label}: the variant's step time / JAX's: " + ", ".join(gains))
+        notes.append(f"{label}: each process's own CPU use over its timed blocks: " + "; ".join(
+            f"{name} {u['cpu_s'] / u['wall_s']:.2f} cores, {u['sys_s'] / u['steps']:.3f} s of it "
+            f"system time and {u['minor_faults'] / u['steps']:,.0f} minor page faults per step"
+            for name, u in used.items()))
         notes.append(
             f"{label}: {args.matmul}x{args.matmul} @ {args.matmul}x{args.matmul} float32 matmul, "
             f"interleaved with the steps: jax {peak / 1e9:.1f} GFLOP/s (the peak of this row)"

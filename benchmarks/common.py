@@ -11,6 +11,7 @@ import importlib.metadata
 import multiprocessing
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import traceback
@@ -72,8 +73,6 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 
 def max_rss_mb() -> float:
     """Peak resident memory of this process so far, in MB (``ru_maxrss`` is in KiB on Linux)."""
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -100,18 +99,26 @@ class OthersShare:
     """
 
     share: float | None = None
+    # This process's own use over the block: CPU seconds (user + system), system seconds, and
+    # minor page faults (pages the kernel mapped in, e.g. freed memory touched again).
+    own_cpu_s: float = 0.0
+    own_sys_s: float = 0.0
+    minor_faults: int = 0
 
     def __enter__(self) -> OthersShare:
+        self._faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         self._times, self._jiffies = os.times(), _cpu_jiffies()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         end, times = _cpu_jiffies(), os.times()
+        self.minor_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - self._faults
+        self.own_sys_s = times.system - self._times.system
+        self.own_cpu_s = times.user - self._times.user + self.own_sys_s
         if self._jiffies is None or end is None:
             return
         busy, total = end[0] - self._jiffies[0], end[1] - self._jiffies[1]
-        own = (times.user - self._times.user + times.system - self._times.system)
-        own *= os.sysconf("SC_CLK_TCK")
+        own = self.own_cpu_s * os.sysconf("SC_CLK_TCK")
         self.share = max(0.0, busy - own) / total if total > 0 else None
 
 
@@ -190,6 +197,11 @@ class Worker:
         if status == "error":
             raise WorkerError(value)
         return value
+
+    @property
+    def pid(self) -> int:
+        """The worker process's id (e.g. to attach a profiler to it)."""
+        return self._proc.pid
 
     def call(self, name: str, *args: Any) -> Any:
         self._conn.send((name, args))

@@ -77,6 +77,10 @@ def test_bench_step_quick_prints_every_table():
         if HAS_TORCH:
             assert re.fullmatch(r"\*\*\d+\.\d\dx\*\*", jax_row[6]), jax_row[6]
     assert "float32 matmul" in out
+    (usage,) = re.findall(r"quick: each process's own CPU use over its timed blocks: .*", out)
+    for name in frameworks:
+        assert re.search(rf"{re.escape(name)} \d+\.\d\d cores, \d+\.\d{{3}} s of it system "
+                         rf"time and {NUMBER} minor page faults per step", usage), (name, usage)
     (gains,) = re.findall(r"quick: the variant's step time / JAX's: .*", out)
     for v in bench_step.VARIANTS:
         assert re.search(rf"{v} \d+\.\d\dx", gains), (v, gains)
@@ -238,3 +242,35 @@ def test_bench_step_tried_refuses_unknown_rewrites():
     assert proc.returncode == 2
     assert ("--rewrites: unknown ['faster please']; choose from kept step again, einsum "
             "attention") in proc.stderr
+
+
+def test_others_share_counts_own_cpu_time_and_page_faults():
+    """The step table's CPU-use note rests on these counts: the CPU time of a busy loop and the
+    minor page faults of touching memory the process has not touched before."""
+    import mmap
+    import time
+
+    size = 64 * 2**20
+    with bench_step.OthersShare() as block:
+        buf = mmap.mmap(-1, size)
+        buf.madvise(mmap.MADV_NOHUGEPAGE)  # one fault per 4 KiB page, not per 2 MiB
+        for offset in range(0, size, mmap.PAGESIZE):
+            buf[offset] = 1
+        end = time.process_time() + 0.3
+        while time.process_time() < end:
+            pass
+    buf.close()
+    assert block.minor_faults >= size // mmap.PAGESIZE
+    assert block.own_cpu_s >= 0.25
+    assert 0 <= block.own_sys_s <= block.own_cpu_s
+
+
+def test_usage_sums_the_timed_blocks_and_resets():
+    bench_step.usage()  # whatever earlier tests left
+    for cpu_s, faults in ((1.5, 10), (0.5, 30)):
+        block = bench_step.OthersShare()
+        block.own_cpu_s, block.own_sys_s, block.minor_faults = cpu_s, cpu_s / 10, faults
+        bench_step._count_usage(block, seconds=1.0, steps=4)
+    assert bench_step.usage() == pytest.approx(
+        {"wall_s": 2.0, "cpu_s": 2.0, "sys_s": 0.2, "minor_faults": 40, "steps": 8})
+    assert set(bench_step.usage().values()) == {0}
