@@ -19,6 +19,7 @@ import argparse
 import importlib.util
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import Worker, machine_line, markdown_table, median, median_seconds  # noqa: E402
@@ -91,6 +92,7 @@ def main(argv=None) -> None:
         tokens, seqs, repeats, args.rounds = 256, [32, 64], 2, 2
     with_torch = not args.no_torch and importlib.util.find_spec("torch") is not None
 
+    start = time.perf_counter()
     print(f"machine: {machine_line()}")
     print(f"forward + backward of causal attention, {heads} heads x {head_dim}, {tokens:,} tokens "
           f"per batch; medians of {args.rounds} interleaved rounds of {repeats} calls each\n")
@@ -120,6 +122,7 @@ def main(argv=None) -> None:
     ] + (["PyTorch SDPA ms"] if with_torch else [])
     print(markdown_table(headers, rows))
     print("\n(in parentheses: time over the one-call time of the same rounds, median)")
+    print(f"\ntotal wall time {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -241,14 +241,25 @@ class JaxCase:
         jax.block_until_ready((self.params, self.state))
 
 
+def _is_broadcast_zero(text: str, name: str) -> bool:
+    """Whether HLO instruction ``name`` broadcasts the constant 0 (as a ``broadcast`` or a loop
+    fusion wrapping one: ``%wrapped_broadcast.2 = f32[32]{0} fusion(%constant.12), ...``)."""
+    found = re.search(rf"^\s*{re.escape(name)} = \S+ (broadcast|fusion)\((%\S+?)\)(.*)$",
+                      text, re.M)
+    if found is None or (found[1] == "fusion" and "broadcast" not in name + found[3]):
+        return False
+    constant = re.search(rf"^\s*{re.escape(found[2])} = \S+ constant\(([-+.\de]+)\)", text,
+                         re.M)
+    return constant is not None and float(constant[1]) == 0.0
+
+
 def hlo_stats(compiled) -> dict[str, float]:
     """Kernels launched per update, array copies XLA inserted, and its temporary memory."""
     text = compiled.as_text()
     # Whole module, not only ENTRY: lax.cond (optax.apply_if_finite) puts kernels in branches.
-    stats = {
-        "fusions": len(re.findall(r" fusion\(", text)),
-        "copies": len(re.findall(r"\[[0-9,]+\]\{[0-9,]*\} copy\(", text)),  # scalars excluded
-    }
+    copied = re.findall(r"\[[0-9,]+\]\{[0-9,]*\} copy\((%\S+?)\)", text)  # scalars excluded
+    stats = {"fusions": len(re.findall(r" fusion\(", text)), "copies": len(copied),
+             "zero_copies": sum(_is_broadcast_zero(text, name) for name in copied)}
     try:
         stats["temp_mib"] = compiled.memory_analysis().temp_size_in_bytes / 2**20
     except (AttributeError, NotImplementedError, RuntimeError):  # not every backend reports it
@@ -445,7 +456,7 @@ What each case computes (same math in every row, float32; see `Hyper` in the scr
   default for CPU tensors), `foreach` (`foreach=True`, also for the clip and the L1/L2 terms) or
   `fused` (`fused=True`).
 - JAX rows: `tx.update` + `optax.apply_updates` in one `jax.jit`, params and state donated.
-  XLA kernels = fusions in the compiled update (a kernel launch each, ~3-5 µs on this CPU);
+  XLA kernels = fusions in the compiled update (a kernel launch each);
   array copies = non-scalar `copy` ops XLA inserted (a full read + write of that array when it
   runs; in the `skip_nonfinite` / `apply_if_finite` rows they write the zero updates of a skipped
   step, in the branch that a finite step does not run);
@@ -456,6 +467,21 @@ What each case computes (same math in every row, float32; see `Hyper` in the scr
 
 
 # --------------------------------------------------------------------------- the sections
+
+
+def donation_copies() -> None:
+    """Why recording the L1/L2 penalties cost a copy of every parameter (fix 1 in BENCHMARKS.md),
+    in two lines: a reduction of donated ``p`` that feeds only another output is not ordered
+    before ``p``'s in-place update, so XLA copies ``p``; one that feeds the update is."""
+    p, g = jnp.ones((256, 256)), jnp.ones((256, 256))
+    cases = {  # label -> (the same function)
+        "`lambda p, g: (p - 0.1 * g, jnp.sum(p * p))`": lambda p, g: (p - 0.1 * g, (p * p).sum()),
+        "`lambda p, g: p - 0.1 * g * jnp.sum(p * p)`": lambda p, g: p - 0.1 * g * (p * p).sum(),
+    }
+    copies = {name: hlo_stats(jax.jit(f, donate_argnums=0).lower(p, g).compile())["copies"]
+              for name, f in cases.items()}
+    print("Array copies of the donated `p` (jitted, `donate_argnums=0`): " + "; ".join(
+        f"{name}: {n}" for name, n in copies.items()) + "\n")
 
 
 def equivalence_check(steps: int = 6) -> None:
@@ -609,7 +635,12 @@ def section_breakdown(shapes, timing: Timing) -> None:
             BENCH, mask=jaxtricks.decay_mask, skip_nonfinite=True
         ),
     }
-    print_table(timed(shapes, wrapped, timing, with_torch=False), "optax")
+    results = timed(shapes, wrapped, timing, with_torch=False)
+    print_table(results, "optax")
+    print("Of their array copies, those that write a broadcast zero (the zero updates of a "
+          "skipped step, in the branch a finite step does not run): " + "; ".join(
+              f"{r.name} {r.hlo['zero_copies']} of {r.hlo['copies']}" for r in results
+              if r.hlo and r.hlo["copies"]) + "\n")
 
 
 FLAT = "optax.flatten(jaxtricks)"
@@ -690,7 +721,8 @@ def section_scaling(counts: list[int], size: int, timing_for: Callable[[int], Ti
     print()
     returned, ready = noop_dispatch_ms(small_leaves_shapes(counts[-1], size), 30)
     print(f"`{NOOP}` on its own, {counts[-1]:,} leaves, median of 30 calls: the call returns "
-          f"after {returned:.2f} ms, its results are ready after {ready:.2f} ms. The call's "
+          f"after {returned:.2f} ms, its results are ready after {ready:.2f} ms "
+          f"({returned / ready:.0%} of the time passes before the call returns). The call's "
           "host-side work (JAX's handling of each argument, the donation, the output arrays; "
           "XLA runs the kernels asynchronously) is the first figure.\n")
     if torch is None:
@@ -1018,12 +1050,14 @@ def main(argv: list[str] | None = None) -> None:
         def timing_for(count):
             return Timing(20 if count <= 100 else 10, settle=1, inner=5)
 
+    start = time.perf_counter()
     print("## Transforms\n")
     machine_header(sys.argv if argv is None else ["benchmarks/bench_transforms.py", *argv],
                    host_malloc)
     print(LEGEND)
     if "check" in sections:
         equivalence_check()
+        donation_copies()
     if "main" in sections:
         section_main(big, title, main_timing)
     if "breakdown" in sections:
@@ -1032,6 +1066,7 @@ def main(argv: list[str] | None = None) -> None:
         section_scaling(counts, 64, timing_for)
     if "tried" in sections:
         section_tried(big, title, main_timing, tried_counts, tried_timing, floor_count)
+    print(f"total wall time {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,10 @@ def test_bench_transforms_quick_prints_every_row():
     # The chains compute the same numbers (the check fails loudly otherwise).
     assert "- equivalence OK" in out, out
     assert re.search(rf"^- jaxtricks vs optax: {NUMBER}", out, re.M)
+    # Fix 1's cause in two lines: the reduction beside the donated update costs a copy.
+    assert ("`lambda p, g: (p - 0.1 * g, jnp.sum(p * p))`: 1; "
+            "`lambda p, g: p - 0.1 * g * jnp.sum(p * p)`: 0") in out, out
+    assert re.search(r"^total wall time \d+ s$", out, re.M), out
     # The main table: optax is the reference; jaxtricks has every column filled in.
     assert re.search(rf"^\| optax \| {NUMBER} \| \*\*1\.000\*\* ", out, re.M)
     filled = rf"\| \d+ \| \d+ \| {NUMBER} \| {NUMBER} \|$"  # kernels, copies, temp MiB, compile s
@@ -131,3 +135,39 @@ def test_bench_transforms_import_starts_no_jax_backend():
                           timeout=300, env=env, cwd=REPO, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "False", proc.stdout
+
+
+def test_hlo_stats_tells_the_zero_updates_of_a_skipped_step_from_other_copies():
+    """The wrappers table's note: the copies `apply_if_finite` / `skip_nonfinite` add write the
+    broadcast zeros of a skipped step; the copy of a donated parameter is not one of them."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import jaxtricks
+
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    try:
+        import bench_transforms as bt
+    finally:
+        sys.path.pop(0)
+    params = jax.tree.map(jnp.asarray, bt.random_arrays(
+        bt.gpt2_shapes(vocab=256, context=32, width=32, layers=1), 0, 1.0))
+
+    def stats(tx):
+        def update(p, g, s):
+            u, s = tx.update(g, s, p)
+            return optax.apply_updates(p, u), s
+
+        lowered = jax.jit(update, donate_argnums=(0, 2)).lower(params, params, tx.init(params))
+        return bt.hlo_stats(lowered.compile())
+
+    plain = stats(bt.optax_chain(bt.BENCH))
+    assert plain["copies"] == plain["zero_copies"] == 0
+    for tx in (bt.never_give_up(bt.optax_chain(bt.BENCH)),
+               jaxtricks.skip_nonfinite(bt.optax_chain(bt.BENCH))):
+        wrapped = stats(tx)
+        assert wrapped["copies"] > 0 and wrapped["zero_copies"] == wrapped["copies"], wrapped
+    beside = jax.jit(lambda p, g: (p - g, (p * p).sum()), donate_argnums=0)
+    copied = bt.hlo_stats(beside.lower(jnp.ones((64, 64)), jnp.ones((64, 64))).compile())
+    assert copied["copies"] == 1 and copied["zero_copies"] == 0, copied
