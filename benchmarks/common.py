@@ -11,7 +11,6 @@ import importlib.metadata
 import multiprocessing
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import traceback
@@ -73,6 +72,8 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 
 def max_rss_mb() -> float:
     """Peak resident memory of this process so far, in MB (``ru_maxrss`` is in KiB on Linux)."""
+    import resource
+
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -88,6 +89,15 @@ def _cpu_jiffies() -> tuple[int, int] | None:
         return None
     idle = fields[3] + fields[4]  # idle + iowait
     return sum(fields) - idle, sum(fields)
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (0 where ``resource`` is missing: Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 class OthersShare:
@@ -106,13 +116,13 @@ class OthersShare:
     minor_faults: int = 0
 
     def __enter__(self) -> OthersShare:
-        self._faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        self._faults = _minor_faults()
         self._times, self._jiffies = os.times(), _cpu_jiffies()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         end, times = _cpu_jiffies(), os.times()
-        self.minor_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - self._faults
+        self.minor_faults = _minor_faults() - self._faults
         self.own_sys_s = times.system - self._times.system
         self.own_cpu_s = times.user - self._times.user + self.own_sys_s
         if self._jiffies is None or end is None:
