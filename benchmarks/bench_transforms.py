@@ -474,10 +474,10 @@ def donation_copies() -> None:
     in two lines: a reduction of donated ``p`` that feeds only another output is not ordered
     before ``p``'s in-place update, so XLA copies ``p``; one that feeds the update is."""
     p, g = jnp.ones((256, 256)), jnp.ones((256, 256))
-    cases = {  # label -> (the same function)
-        "`lambda p, g: (p - 0.1 * g, jnp.sum(p * p))`": lambda p, g: (p - 0.1 * g, (p * p).sum()),
-        "`lambda p, g: p - 0.1 * g * jnp.sum(p * p)`": lambda p, g: p - 0.1 * g * (p * p).sum(),
-    }
+    beside = "`lambda p, g: (p - 0.1 * g, jnp.sum(p * p))`"  # the sum feeds another output
+    inside = "`lambda p, g: p - 0.1 * g * jnp.sum(p * p)`"  # the sum feeds the update
+    cases = {beside: lambda p, g: (p - 0.1 * g, jnp.sum(p * p)),
+             inside: lambda p, g: p - 0.1 * g * jnp.sum(p * p)}
     copies = {name: hlo_stats(jax.jit(f, donate_argnums=0).lower(p, g).compile())["copies"]
               for name, f in cases.items()}
     print("Array copies of the donated `p` (jitted, `donate_argnums=0`): " + "; ".join(
