@@ -89,6 +89,11 @@ class TrainConfig:
 
     steps: int = 800
     batch_size: int = 16  # global: split across all devices
+    # Gradient accumulation: each device's batch in this many parts, one update from their mean
+    # gradient. Scanned (memory: one part's activations) unless unrolled (XLA may run the parts
+    # side by side: no memory saved, a fuller CPU).
+    microbatches: int = 1
+    unroll_microbatches: bool = False
     seed: int = 0
     log_every: int = 10
     eval_every: int = 100
@@ -258,6 +263,7 @@ def validate(c: Config) -> None:
         ("model.max_seq_len", m.max_seq_len), ("model.attention_blocks", m.attention_blocks),
         ("data.seq_len", d.seq_len),
         ("train.steps", t.steps), ("train.batch_size", t.batch_size),
+        ("train.microbatches", t.microbatches),
         ("train.log_every", t.log_every), ("train.eval_every", t.eval_every),
         ("train.eval_batches", t.eval_batches), ("train.checkpoint_every", t.checkpoint_every),
         ("train.keep_checkpoints", t.keep_checkpoints),
@@ -275,6 +281,8 @@ def validate(c: Config) -> None:
            f"<= model.max_seq_len={m.max_seq_len} (the model's context)")
     _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "0 < fraction < 1")
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "an integer >= 0")
+    _check(t.batch_size % t.microbatches == 0, "train.batch_size", t.batch_size,
+           f"a multiple of train.microbatches={t.microbatches}")
     _check(c.cpu_devices is None or c.cpu_devices >= 1, "cpu_devices", c.cpu_devices,
            "an integer >= 1, or null for JAX's default")
     if d.source == "text":

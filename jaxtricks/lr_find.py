@@ -279,7 +279,8 @@ def range_test(
     _, graphdef, rest, optimizer, state = init(
         config, learning_rate=exponential_range(min_lr, max_lr, num_steps)
     )
-    steps = make_steps(graphdef, rest, optimizer, config.parallelism)
+    steps = make_steps(graphdef, rest, optimizer, config.parallelism,
+                       microbatches=tc.microbatches, unroll_microbatches=tc.unroll_microbatches)
     state = steps.put_state(state)
     batches = data_lib.train_iterator(
         config.data, batch_size=tc.batch_size // jax.process_count(), seed=tc.seed

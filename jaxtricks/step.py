@@ -108,6 +108,53 @@ def _mean_over_devices(x, axis_name):
     return x if axis_name is None else jax.lax.pmean(x, axis_name)
 
 
+def accumulate_gradients(
+    loss_fn: Any, params: Any, batch: Any, rng: jax.Array, microbatches: int = 1,
+    unroll: bool = False,
+) -> tuple[jax.Array, Any]:
+    """``jax.value_and_grad(loss_fn)(params, batch, rng)``, computed in ``microbatches`` parts.
+
+    Gradient accumulation inside one step: the batch's leading axis is cut into ``microbatches``
+    equal parts, ``loss_fn(params, part, jax.random.fold_in(rng, i))`` is differentiated on each
+    and the losses and gradients are averaged. For a ``loss_fn`` that is a mean over the batch
+    and does not use ``rng``, that is the whole batch's loss and gradient, to float rounding.
+    With ``microbatches=1`` it is ``value_and_grad`` itself, on the same ``rng``.
+
+    By default the parts run one after another (a ``jax.lax.scan``), so the activations kept for
+    the backward pass are those of one part: XLA's temporary memory falls about in proportion
+    (405 to 98 MB with 4 parts for a 1.85M-parameter model at batch 32 x 128). ``unroll=True``
+    lets XLA run the parts side by side instead, which saves no memory but can fill a CPU's
+    cores where one part alone leaves some idle (BENCHMARKS.md).
+
+    Example (any optax loop can use it)::
+
+      loss, grads = accumulate_gradients(loss_fn, params, batch, key, microbatches=4)
+      updates, opt_state = tx.update(grads, opt_state, params)
+
+    Raises:
+      ValueError: a batch leaf whose leading axis ``microbatches`` does not divide.
+    """
+    grad_fn = jax.value_and_grad(loss_fn)
+    if microbatches == 1:
+        return grad_fn(params, batch, rng)
+    for x in jax.tree.leaves(batch):
+        if x.shape[0] % microbatches:
+            raise ValueError(
+                f"microbatches={microbatches} must divide the batch; got a batch of "
+                f"{x.shape[0]} (per device) along the leading axis."
+            )
+    parts = jax.tree.map(lambda x: x.reshape(microbatches, -1, *x.shape[1:]), batch)
+
+    def add_part(total, index_and_part):
+        index, part = index_and_part
+        loss_and_grads = grad_fn(params, part, jax.random.fold_in(rng, index))
+        return jax.tree.map(jnp.add, total, loss_and_grads), None
+
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, batch, rng))
+    total, _ = jax.lax.scan(add_part, zeros, (jnp.arange(microbatches), parts), unroll=unroll)
+    return jax.tree.map(lambda x: x / microbatches, total)
+
+
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
@@ -117,19 +164,26 @@ def train_step(
     rest: Any,
     optimizer: optax.GradientTransformation,
     axis_name: str | None,
+    microbatches: int = 1,
+    unroll_microbatches: bool = False,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One update on this device's share of the batch; gradients are averaged over ``axis_name``."""
+    """One update on this device's share of the batch; gradients are averaged over ``axis_name``.
+
+    With ``microbatches > 1`` the loss and gradients are accumulated over that many parts of the
+    device's batch (:func:`accumulate_gradients`), each part with its own dropout key.
+    """
     # A fresh dropout key per step (and per device, so devices drop different units).
     dropout_rng = jax.random.fold_in(rng, state.step)
     if axis_name is not None:
         dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
 
-    def loss_fn(params):
+    def loss_fn(params, batch, dropout_rng):
         model = nnx.merge(graphdef, params, rest)
         logits = model(batch["inputs"], dropout_rng=dropout_rng)  # (batch, seq, vocab)
         return cross_entropy(logits, batch["targets"])
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    loss, grads = accumulate_gradients(loss_fn, state.params, batch, dropout_rng, microbatches,
+                                       unroll_microbatches)
     loss, grads = _mean_over_devices((loss, grads), axis_name)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -167,17 +221,23 @@ def make_steps(
     rest: Any,
     optimizer: optax.GradientTransformation,
     parallelism: str = "auto",
+    *,
+    microbatches: int = 1,
+    unroll_microbatches: bool = False,
 ) -> Steps:
     """Wrap the per-device steps in ``jax.jit`` (one device) or ``jax.pmap`` (all local devices).
 
     ``parallelism``: "single", "pmap", or "auto" (pmap when there is more than one local device).
+    ``microbatches`` and ``unroll_microbatches``: gradient accumulation over parts of each
+    device's batch (:func:`accumulate_gradients`).
     The state's buffers are donated: the caller must use the returned state, not the old one.
     """
     devices = jax.local_devices()
     use_pmap = parallelism == "pmap" or (parallelism == "auto" and len(devices) > 1)
     axis = AXIS if use_pmap else None
     train = functools.partial(
-        train_step, graphdef=graphdef, rest=rest, optimizer=optimizer, axis_name=axis
+        train_step, graphdef=graphdef, rest=rest, optimizer=optimizer, axis_name=axis,
+        microbatches=microbatches, unroll_microbatches=unroll_microbatches,
     )
     evaluate = functools.partial(eval_step, graphdef=graphdef, rest=rest, axis_name=axis)
     if not use_pmap:

@@ -126,11 +126,13 @@ def preflight(config: config_lib.Config, workdir: Path) -> None:
     devices = jax.local_devices()
     if config.parallelism != "single" and len(devices) > 1 or config.parallelism == "pmap":
         n = len(devices) * jax.process_count()
-        if config.train.batch_size % n:
+        k = config.train.microbatches
+        if config.train.batch_size % (n * k):
             fewer = ", fewer cpu_devices" if config.cpu_devices else ""
+            parts = f" times train.microbatches={k}" if k > 1 else ""
             raise config_lib.ConfigError(
                 f"train.batch_size={config.train.batch_size} must be divisible by the number of "
-                f"devices ({n}); use a multiple of {n}{fewer} or parallelism=single."
+                f"devices ({n}){parts}; use a multiple of {n * k}{fewer} or parallelism=single."
             )
     data_lib.check_data(config.data)
     existing = workdir
@@ -208,7 +210,8 @@ def run(config: config_lib.Config, workdir: str | Path) -> dict[str, Any]:
     # The model, the optimizer and the state they update.
     tc = config.train
     model, graphdef, rest, optimizer, state = init(config)
-    steps = make_steps(graphdef, rest, optimizer, config.parallelism)
+    steps = make_steps(graphdef, rest, optimizer, config.parallelism,
+                       microbatches=tc.microbatches, unroll_microbatches=tc.unroll_microbatches)
     rng = jax.random.key(tc.seed)
 
     # The data, each process reading its own shard.

@@ -64,6 +64,10 @@ def test_round_trip_through_dict():
         (["cpu_devices=0"],
          "cpu_devices=0 is out of range; allowed: an integer >= 1, or null for JAX's default"),
         (["train.log_every=true"], "train.log_every=True must be an integer"),
+        (["train.microbatches=0"],
+         "train.microbatches=0 is out of range; allowed: an integer >= 1"),
+        (["train.microbatches=3"],
+         "train.batch_size=16 is out of range; allowed: a multiple of train.microbatches=3"),
     ],
 )
 def test_errors_name_the_key_the_value_and_what_is_allowed(overrides, message):

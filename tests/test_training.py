@@ -294,6 +294,33 @@ def test_batch_must_divide_over_the_devices(tmp_path, data_dir, monkeypatch, cap
     )
 
 
+def test_batch_must_divide_over_the_devices_and_microbatches(tmp_path, data_dir, monkeypatch,
+                                                            capsys):
+    monkeypatch.setattr(jax, "local_devices", lambda: [jax.devices()[0]] * 8)
+    workdir = tmp_path / "run"
+    assert train.main(_args(workdir, data_dir, "train.batch_size=24",
+                            "train.microbatches=2")) == 2
+    assert ("train.batch_size=24 must be divisible by the number of devices (8) times "
+            "train.microbatches=2; use a multiple of 16") in capsys.readouterr().err
+    assert not workdir.exists()
+
+
+def test_microbatches_train_the_same_run(tmp_path, data_dir, capsys):
+    # Gradient accumulation over 2 or 4 parts, scanned or unrolled: the whole batch's losses.
+    whole = tmp_path / "whole"
+    assert train.main(_args(whole, data_dir, steps=10)) == 0
+    for parts in ("train.microbatches=2", "train.microbatches=4",
+                  "train.microbatches=4 train.unroll_microbatches=true"):
+        workdir = tmp_path / parts.replace(" ", "_")
+        assert train.main(_args(workdir, data_dir, *parts.split(), steps=10)) == 0
+        losses = _losses(workdir)
+        assert list(losses) == list(range(1, 11))
+        np.testing.assert_allclose(list(losses.values()), list(_losses(whole).values()),
+                                   rtol=1e-4)
+    assert json.loads((workdir / "config.json").read_text())["train"]["microbatches"] == 4
+    capsys.readouterr()
+
+
 def test_cpu_devices_splits_the_cpu_and_pmaps_the_same_run(tmp_path, data_dir, capsys):
     # JAX takes the device count when it starts, so the split run is a process of its own.
     split, single = tmp_path / "split", tmp_path / "single"
