@@ -18,8 +18,9 @@ Sections (``--sections``):
   step      tokens/s, GFLOP/s, share of the matmul peak, compile time and peak memory for the tiny
             default model and a ~10M-parameter model, JAX vs PyTorch, and the "JAX, <variant>"
             rows: the JAX step with one setting changed (``--variants``): one of its CPU
-            speed-ups undone, or ``cpu_devices=2``, or XLA flags added (``--xla-flags``), so
-            that what each gives is measured in the same run;
+            speed-ups undone, or ``cpu_devices=2``, or ``train.microbatches`` (gradient
+            accumulation, unrolled or scanned), or XLA flags added (``--xla-flags``), so that
+            what each gives is measured in the same run;
   breakdown forward / backward / optimizer time of each framework (same models);
   scaling   step time vs sequence length (fixed 4,096 tokens per batch) and vs width.
 
@@ -55,8 +56,8 @@ QUICK_MODELS = {"quick": (dict(num_layers=1, d_model=32, num_heads=2, d_ff=128),
 TOTAL_STEPS = 10_000  # length of the cosine schedule of both optimizers (no effect on speed)
 # "JAX" is the step as train.py runs it. Each variant ("JAX, <name>" rows, --variants) is the same
 # step with one setting changed, measured in the same interleaved run: one of the CPU speed-ups of
-# BENCHMARKS.md undone (the ratio of the step times is what that fix gives), or the opt-in
-# cpu_devices=2 (the ratio is what it gives).
+# BENCHMARKS.md undone (the ratio of the step times is what that fix gives), or an opt-in setting
+# (cpu_devices=2, train.microbatches; the ratio is what it gives).
 VARIANTS = {
     "glibc malloc": "without jaxtricks.step.tune_host_malloc() (glibc's malloc as it is)",
     "heap trimmed above 2 GiB": "tune_host_malloc() with its trim threshold before commit "
@@ -66,7 +67,15 @@ VARIANTS = {
     "one attention call": "model.attention_blocks=1: no query blocks",
     "2 CPU devices": "cpu_devices=2: the CPU split into two JAX devices, the step pmapped over "
     "two halves of the batch",
+    "2 unrolled microbatches": "train.microbatches=2, unroll_microbatches=true: the gradient "
+    "accumulated over two halves of the batch in an unrolled loop, which XLA may run side by side",
+    "4 unrolled microbatches": "the same with four quarters",
+    "4 microbatches": "train.microbatches=4: four quarters in turn (a scan), one quarter's "
+    "activations in memory at a time",
 }
+# (train.microbatches, train.unroll_microbatches) of the variants that set them.
+MICROBATCHES = {"2 unrolled microbatches": (2, True), "4 unrolled microbatches": (4, True),
+                "4 microbatches": (4, False)}
 
 
 def _undo(variant: str) -> None:
@@ -204,7 +213,9 @@ class JaxBench:
         self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
         self.optimizer = optimizer_from_config(OptimizerConfig(**spec["optimizer"]), TOTAL_STEPS)
         state = TrainState(jnp.int32(0), params, self.optimizer.init(params))
-        self.steps = make_steps(self.graphdef, self.rest, self.optimizer, "auto")
+        microbatches, unroll = MICROBATCHES.get(self.variant, (1, False))
+        self.steps = make_steps(self.graphdef, self.rest, self.optimizer, "auto",
+                                microbatches=microbatches, unroll_microbatches=unroll)
         self.state = self.steps.put_state(state)
         tokens = _tokens(spec)
         self.batch = self.steps.put_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]})
