@@ -60,16 +60,16 @@ def _positive(cell: str) -> float:
 
 @pytest.mark.slow
 def test_bench_step_quick_prints_every_table():
-    out = _run("bench_step.py", "--quick").stdout
+    out = _run("bench_step.py", "--quick", "--variants", "all").stdout
 
     variants = [f"JAX, {v}" for v in bench_step.VARIANTS]
     frameworks = ["JAX", *variants] + (["PyTorch"] if HAS_TORCH else [])
     step_rows = [r for r in _rows(out, "quick") if r[3] in frameworks]
     assert [r[3] for r in step_rows] == frameworks
     for r in step_rows:
-        assert r[2] == "4x16"
+        assert r[2] == "8x16"
         step_ms, tokens_per_s = _positive(r[4]), _positive(r[5])
-        assert tokens_per_s == pytest.approx(64 / (step_ms / 1e3), rel=0.5)  # ms are rounded
+        assert tokens_per_s == pytest.approx(128 / (step_ms / 1e3), rel=0.5)  # ms are rounded
         assert re.fullmatch(r"\d+%", r[8]), r[8]
         assert re.fullmatch(r"\d+ \(\+-?\d+.*\)", r[10]), r[10]  # peak RSS (+ over imports)
     for jax_row in step_rows[:-1] if HAS_TORCH else step_rows:
@@ -227,7 +227,7 @@ def test_bench_step_tried_quick_measures_each_rewrite_and_option():
             rf"{NUMBER}-{NUMBER}", row[4]), row
         assert row[6] == kept[6], (row, kept)
         assert row[7] == "changed", row
-    dots = _rows(out, "`X W 64x32 . 32x96`")
+    dots = _rows(out, "`X W 128x32 . 32x96`")
     assert len(dots) == 1 and len(dots[0]) == (4 if HAS_TORCH else 3), out
     for cell in dots[0][1:]:
         _positive(cell)

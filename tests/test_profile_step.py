@@ -179,8 +179,8 @@ def test_quick_run_prints_tables_that_add_up(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     sections = proc.stdout.split("\n### ")[1:]
     names = [s.split(":", 1)[0] for s in sections]
-    assert names[0] == "quick (4x16), JAX"
-    assert names[1:] in ([], ["quick (4x16), PyTorch"])  # without torch: not profiled
+    assert names[0] == "quick (8x16), JAX"
+    assert names[1:] in ([], ["quick (8x16), PyTorch"])  # without torch: not profiled
     for section in sections:
         if "not installed" in section.splitlines()[0]:
             continue
