@@ -133,8 +133,10 @@ def accumulate_gradients(
       updates, opt_state = tx.update(grads, opt_state, params)
 
     Raises:
-      ValueError: a batch leaf whose leading axis ``microbatches`` does not divide.
+      ValueError: ``microbatches`` < 1, or a batch leaf whose leading axis it does not divide.
     """
+    if microbatches < 1:
+        raise ValueError(f"microbatches={microbatches} is out of range; allowed: an integer >= 1.")
     grad_fn = jax.value_and_grad(loss_fn)
     if microbatches == 1:
         return grad_fn(params, batch, rng)

@@ -117,6 +117,8 @@ def test_microbatches_must_divide_the_batch():
     params, batch = _toy()
     with pytest.raises(ValueError, match="microbatches=5 must divide the batch; got a batch of 12"):
         accumulate_gradients(_toy_loss, params, batch, jax.random.key(0), 5)
+    with pytest.raises(ValueError, match="microbatches=0 is out of range; allowed: an integer"):
+        accumulate_gradients(_toy_loss, params, batch, jax.random.key(0), 0)
 
 
 def test_microbatched_steps_follow_the_whole_batch_and_scanned_ones_use_less_memory():
