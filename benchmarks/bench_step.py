@@ -169,7 +169,19 @@ def usage() -> dict:
     return taken
 
 
-class JaxBench:
+class _StepBench:
+    """What the JAX and PyTorch workers report alike: peak memory over the baseline that each
+    takes once its framework has started, and ``usage()``."""
+
+    baseline_mb = 0.0
+
+    def memory(self) -> dict:
+        return {"peak_rss_mb": max_rss_mb(), "baseline_mb": self.baseline_mb}
+
+    usage = staticmethod(usage)
+
+
+class JaxBench(_StepBench):
     """jaxtricks' own train step (make_steps), as ``training.run`` builds it; with ``variant``,
     that step with one setting changed (``VARIANTS``); with ``xla_flags``, XLA started with
     those flags added to XLA_FLAGS."""
@@ -281,11 +293,6 @@ class JaxBench:
                 times.append(time.perf_counter() - start)
         return median(times), others.share
 
-    def memory(self) -> dict:
-        return {"peak_rss_mb": max_rss_mb(), "baseline_mb": self.baseline_mb}
-
-    usage = staticmethod(usage)
-
     def _build_parts(self):
         """Forward, forward+backward and the optimizer update, each jitted on its own."""
         import jax
@@ -394,7 +401,7 @@ def _torch_gpt():
     return GPT
 
 
-class TorchBench:
+class TorchBench(_StepBench):
     """The same model in eager PyTorch with the same optimizer, on all cores."""
 
     def __init__(self, spec: dict | None = None):
@@ -483,11 +490,6 @@ class TorchBench:
                 a @ b
                 times.append(time.perf_counter() - start)
         return median(times), others.share
-
-    def memory(self) -> dict:
-        return {"peak_rss_mb": max_rss_mb(), "baseline_mb": self.baseline_mb}
-
-    usage = staticmethod(usage)
 
     def breakdown(self, n: int) -> tuple[dict, float | None]:
         parts = {"forward": [], "backward": [], "optimizer": [], "step": []}

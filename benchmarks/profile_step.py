@@ -25,8 +25,8 @@ Run-time generated code: perf charges a sample in anonymous executable memory to
 (LLVM-compiled with the step; many functions, each sampled a little) and the GEMM kernels that
 oneDNN generates at run time behind Eigen's dots (one small kernel sampled over and over). No
 name tells them apart, so such code is a category of its own, split into its most-sampled
-contiguous address range of at most 16 KB (BENCHMARKS.md's "single run-time generated function
-of about 8 KB", there the GEMM kernel) and the rest. The range is printed with the mapping it
+contiguous address range of at most 16 KB (the GEMM kernel, where one kernel dominates) and
+the rest. The range is printed with the mapping it
 lies in: XLA's fusions lie in page-sized r-x mappings, one per compiled object; the tiny model's
 hottest range lay in a 6 MB rwx one, most likely oneDNN's kernels (its code generator, Xbyak,
 leaves code buffers writable and executable by default).
