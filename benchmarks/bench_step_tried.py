@@ -18,6 +18,9 @@ Sections (``--sections``):
   dots  GFLOP/s of the small model's matmul shapes in the three forms of a linear layer's
         forward and backward, under XLA's default (YNNPACK's dots), XLA with Eigen's dots, and
         PyTorch (in a worker process of its own), side by side;
+  executor  how XLA:CPU's runtime uses the second core: one program of n independent batched
+        dots of the tiny model's attention shape, its time over n times one dot's, and the
+        cores the process kept busy, for n from 1 to 16; PyTorch's batched dot beside them;
   hlo   which XLA:CPU options change the tiny model's compiled step at all: each one's optimized
         HLO (metadata stripped) compared with the default's.
 
@@ -92,15 +95,14 @@ def head_major_attention(q, k, v, num_blocks=1):
     return y.transpose(t)
 
 
-def batch_halves_attention(q, k, v, num_blocks=1):
-    """The kept attention computed on two halves of the batch, which XLA may run side by side
-    (each YNNPACK batched dot of attention runs on one thread)."""
+def batch_parts_attention(q, k, v, num_blocks=1, parts=2):
+    """The kept attention computed on ``parts`` equal parts of the batch, which XLA may run side
+    by side (each YNNPACK batched dot of attention runs on one thread)."""
     import jax.numpy as jnp
 
     causal_attention = ORIGINALS[("jaxtricks.model", "causal_attention")]  # the kept one
-    half = q.shape[0] // 2
-    return jnp.concatenate([causal_attention(q[:half], k[:half], v[:half], num_blocks),
-                            causal_attention(q[half:], k[half:], v[half:], num_blocks)])
+    return jnp.concatenate([causal_attention(*qkv, num_blocks) for qkv in zip(
+        jnp.split(q, parts), jnp.split(k, parts), jnp.split(v, parts), strict=True)])
 
 
 def two_pass_layer_norm(x, scale, bias):
@@ -242,7 +244,12 @@ REWRITES = {
         "that layout", {("jaxtricks.model", "causal_attention"): head_major_attention}, {}),
     "attention in batch halves": (
         "attention computed on two halves of the batch",
-        {("jaxtricks.model", "causal_attention"): batch_halves_attention}, {}),
+        {("jaxtricks.model", "causal_attention"): batch_parts_attention}, {}),
+    "attention in batch eighths": (
+        "attention computed on eight parts of the batch: with 4 query blocks, 32 independent "
+        "chains of dots, more than the 8 ready thunks XLA:CPU's executor needs before it hands "
+        "work to a second thread", {("jaxtricks.model", "causal_attention"):
+                                    functools.partial(batch_parts_attention, parts=8)}, {}),
     "step in batch halves": (
         "loss and gradient as two value_and_grad calls on the batch halves, averaged",
         {("jaxtricks.step", "train_step"): batch_halves_train_step}, {}),
@@ -521,6 +528,104 @@ def section_dots(label: str, arch: dict, batch: int, seq: int, rounds: int, call
     return head + "\n" + markdown_table(["dot"] + [f"{b} GFLOP/s" for b in backends], rows)
 
 
+# --------------------------------------------------------------------------- executor
+
+EXECUTOR_COUNTS = (1, 2, 8, 9, 10, 16)
+
+
+def busy_seconds(fn, calls: int) -> tuple[float, float]:
+    """(median seconds of ``calls`` calls of ``fn`` after one untimed call, cores busy: the
+    process's CPU time over the wall time of those calls)."""
+    fn()
+    times, cpu0, wall0 = [], os.times(), time.perf_counter()
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    cpu1, wall = os.times(), time.perf_counter() - wall0
+    return median(times), (cpu1.user - cpu0.user + cpu1.system - cpu0.system) / wall
+
+
+class JaxIndependentDots:
+    """For each count n, one jitted program of n independent batched dots ``q k^T`` (attention's
+    scores, head-major), each on arrays of its own, so that nothing orders them."""
+
+    def __init__(self, spec):
+        from jaxtricks.step import tune_host_malloc
+
+        tune_host_malloc()  # as train.py does, before JAX starts its threads
+        import jax
+        import jax.numpy as jnp
+
+        shape, counts = spec
+        self.fns = {}
+        for n in counts:
+            qs = [jax.random.normal(jax.random.key(i), shape, jnp.float32) for i in range(n)]
+            ks = [jax.random.normal(jax.random.key(100 + i), shape, jnp.float32) for i in range(n)]
+            fn = jax.jit(lambda qs, ks: [jnp.einsum("bhqd,bhkd->bhqk", q, k)
+                                         for q, k in zip(qs, ks, strict=True)])
+            self.fns[n] = (fn, qs, ks)
+
+    def time(self, n: int, calls: int) -> tuple[float, float]:
+        import jax
+
+        fn, qs, ks = self.fns[n]
+        return busy_seconds(lambda: jax.block_until_ready(fn(qs, ks)), calls)
+
+
+class TorchBatchedDot:
+    """The same batched dot as ``torch.matmul(q, k.transpose(-1, -2))``, on all cores."""
+
+    def __init__(self, spec):
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        shape, _ = spec
+        self.q, self.k = torch.randn(shape), torch.randn(shape)
+
+    def time(self, n: int, calls: int) -> tuple[float, float]:
+        del n
+        return busy_seconds(lambda: self.q @ self.k.transpose(-1, -2), calls)
+
+
+def section_executor(label: str, arch: dict, batch: int, seq: int, counts: tuple[int, ...],
+                     rounds: int, calls: int, with_torch: bool) -> str:
+    """How XLA:CPU runs independent work: n independent batched dots of attention's shape in
+    one program, their time over n times one dot's (1.0: one after another; 0.5: two at once),
+    and the cores the process kept busy; PyTorch's one batched dot beside them."""
+    heads = arch["num_heads"]
+    shape = (batch, heads, seq, arch["d_model"] // heads)
+    spec = (shape, counts)
+    cases = [("XLA", n) for n in counts] + ([("PyTorch", 1)] if with_torch else [])
+    workers = {"XLA": Worker(JaxIndependentDots, spec)}
+    if with_torch:
+        workers["PyTorch"] = Worker(TorchBatchedDot, spec)
+    try:
+        seconds = {c: [] for c in cases}
+        busy = {c: [] for c in cases}
+        for r in range(rounds):  # interleaved: every case once per round, rotating the order
+            for case in cases[r % len(cases):] + cases[:r % len(cases)]:
+                s, b = workers[case[0]].call("time", case[1], calls)
+                seconds[case].append(s)
+                busy[case].append(b)
+    finally:
+        for w in workers.values():
+            w.close()
+    one = seconds[("XLA", 1)]
+    rows = []
+    for framework, n in cases:
+        what = "1 batched dot" if n == 1 else f"{n} independent batched dots"
+        per_round = [s / (n * o) for s, o in zip(seconds[(framework, n)], one, strict=True)]
+        rows.append([f"{framework}: {what}", f"{median(seconds[(framework, n)]) * 1e3:.2f}",
+                     "" if framework != "XLA" else f"{median(per_round):.2f}",
+                     f"{median(busy[(framework, n)]):.2f}"])
+    head = (f"{label}: attention's scores `q k^T`, q and k of shape {shape} (batch, heads, seq, "
+            f"head_dim) each; median of {rounds} interleaved rounds of {calls} calls each; "
+            f"{os.cpu_count()} cores\n")
+    return head + "\n" + markdown_table(
+        ["program", "ms per call", "time / (n x one dot's)", "cores busy"], rows)
+
+
 # --------------------------------------------------------------------------- hlo
 
 QUICK_HLO_OPTIONS = ("xla_cpu_enable_fast_math", "xla_cpu_experimental_ynn_fusion_type")
@@ -565,7 +670,7 @@ def section_hlo(label: str, arch: dict, batch: int, seq: int, options: dict) -> 
 
 # --------------------------------------------------------------------------- main
 
-SECTIONS = ("step", "dots", "hlo")
+SECTIONS = ("step", "dots", "executor", "hlo")
 
 
 def main(argv=None) -> None:
@@ -624,6 +729,13 @@ def main(argv=None) -> None:
         print(section_dots(label, arch, batch, seq, rounds, calls, with_torch) + "\n")
         if not with_torch:
             print("PyTorch: not installed or --no-torch, so no PyTorch column\n")
+    if "executor" in sections:
+        label, (arch, batch, seq) = ("quick", QUICK_MODELS["quick"]) if args.quick else \
+            ("tiny", MODELS["tiny"])
+        counts = (1, 10) if args.quick else EXECUTOR_COUNTS
+        print("### Independent work in one program: when XLA:CPU runs it on a second thread\n")
+        print(section_executor(label, arch, batch, seq, counts, 3 * rounds, calls, with_torch)
+              + "\n")
     if "hlo" in sections:
         label, (arch, batch, seq) = ("quick", QUICK_MODELS["quick"]) if args.quick else \
             ("tiny", MODELS["tiny"])

@@ -213,7 +213,8 @@ def test_blocks_read_each_steps_metrics_once_the_next_is_dispatched(monkeypatch)
 
 
 def test_bench_step_tried_quick_measures_each_rewrite_and_option():
-    # Two rewrites (one of the model, one XLA option), the dots, and the HLO comparison.
+    # Two rewrites (one of the model, one XLA option), the dots, the executor section and
+    # the HLO comparison.
     out = _run("bench_step_tried.py", "--quick", "--rewrites",
                "GELU backward by hand,memory-optimized schedule").stdout
     kept, gelu, memory = _rows(out, "quick")
@@ -231,6 +232,16 @@ def test_bench_step_tried_quick_measures_each_rewrite_and_option():
     assert len(dots) == 1 and len(dots[0]) == (4 if HAS_TORCH else 3), out
     for cell in dots[0][1:]:
         _positive(cell)
+    # The executor section: one batched dot and ten independent ones in one program, each
+    # program's time over n times the single dot's (1.00 for the single dot by definition).
+    one, ten = _rows(out, "XLA: 1 batched dot"), _rows(out, "XLA: 10 independent batched dots")
+    assert len(one) == len(ten) == 1, out
+    assert one[0][2] == "1.00", one
+    for cell in (one[0][1], ten[0][1], ten[0][2]):
+        _positive(cell)
+    for row in (one[0], ten[0]):
+        assert re.fullmatch(r"\d+\.\d\d", row[3]), row  # cores busy (0.00 when too quick)
+    assert len(_rows(out, "PyTorch: 1 batched dot")) == (1 if HAS_TORCH else 0), out
     assert re.search(r"^\| `xla_cpu_enable_fast_math=True` \| unchanged, byte for byte \|$", out,
                      re.M), out
     assert re.search(r"^\| `xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE` \| "
