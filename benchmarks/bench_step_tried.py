@@ -52,7 +52,14 @@ from bench_step import (  # noqa: E402
     default_optimizer,
     make_spec,
 )
-from common import Worker, machine_line, markdown_table, median, median_seconds  # noqa: E402
+from common import (  # noqa: E402
+    Worker,
+    busy_seconds,
+    machine_line,
+    markdown_table,
+    median,
+    median_seconds,
+)
 
 # --------------------------------------------------------------------------- the rewrites
 
@@ -533,19 +540,6 @@ def section_dots(label: str, arch: dict, batch: int, seq: int, rounds: int, call
 EXECUTOR_COUNTS = (1, 2, 8, 9, 10, 16)
 
 
-def busy_seconds(fn, calls: int) -> tuple[float, float]:
-    """(median seconds of ``calls`` calls of ``fn`` after one untimed call, cores busy: the
-    process's CPU time over the wall time of those calls)."""
-    fn()
-    times, cpu0, wall0 = [], os.times(), time.perf_counter()
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    cpu1, wall = os.times(), time.perf_counter() - wall0
-    return median(times), (cpu1.user - cpu0.user + cpu1.system - cpu0.system) / wall
-
-
 class JaxIndependentDots:
     """For each count n, one jitted program of n independent batched dots ``q k^T`` (attention's
     scores, head-major), each on arrays of its own, so that nothing orders them."""
@@ -615,10 +609,12 @@ def section_executor(label: str, arch: dict, batch: int, seq: int, counts: tuple
     rows = []
     for framework, n in cases:
         what = "1 batched dot" if n == 1 else f"{n} independent batched dots"
-        per_round = [s / (n * o) for s, o in zip(seconds[(framework, n)], one, strict=True)]
+        ratio = ""  # over n times XLA's one dot, in the same round: for XLA's programs only
+        if framework == "XLA":
+            per_round = [s / (n * o) for s, o in zip(seconds[("XLA", n)], one, strict=True)]
+            ratio = f"{median(per_round):.2f}"
         rows.append([f"{framework}: {what}", f"{median(seconds[(framework, n)]) * 1e3:.2f}",
-                     "" if framework != "XLA" else f"{median(per_round):.2f}",
-                     f"{median(busy[(framework, n)]):.2f}"])
+                     ratio, f"{median(busy[(framework, n)]):.2f}"])
     head = (f"{label}: attention's scores `q k^T`, q and k of shape {shape} (batch, heads, seq, "
             f"head_dim) each; median of {rounds} interleaved rounds of {calls} calls each; "
             f"{os.cpu_count()} cores\n")

@@ -52,15 +52,22 @@ def median(values: Sequence[float]) -> float:
 def median_seconds(fn: Callable[[], Any], n: int) -> float:
     """Median seconds of ``n`` calls of ``fn`` (which must wait for its result), after one
     untimed call to compile or warm up."""
+    return busy_seconds(fn, n)[0]
+
+
+def busy_seconds(fn: Callable[[], Any], n: int) -> tuple[float, float]:
+    """``median_seconds(fn, n)`` and the cores the process kept busy meanwhile: its CPU time
+    (user and system, all threads) over the wall time of the ``n`` calls."""
     import time
 
     fn()
-    times = []
+    times, cpu0, wall0 = [], os.times(), time.perf_counter()
     for _ in range(n):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return median(times)
+    cpu1, wall = os.times(), time.perf_counter() - wall0
+    return median(times), (cpu1.user - cpu0.user + cpu1.system - cpu0.system) / wall
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
