@@ -57,17 +57,17 @@ def median_seconds(fn: Callable[[], Any], n: int) -> float:
 
 def busy_seconds(fn: Callable[[], Any], n: int) -> tuple[float, float]:
     """``median_seconds(fn, n)`` and the cores the process kept busy meanwhile: its CPU time
-    (user and system, all threads) over the wall time of the ``n`` calls."""
+    (``OthersShare.own_cpu_s``: user and system, all threads) over the wall time of the calls."""
     import time
 
     fn()
-    times, cpu0, wall0 = [], os.times(), time.perf_counter()
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    cpu1, wall = os.times(), time.perf_counter() - wall0
-    return median(times), (cpu1.user - cpu0.user + cpu1.system - cpu0.system) / wall
+    times = []
+    with OthersShare() as block:
+        for _ in range(n):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return median(times), block.own_cpu_s / sum(times)
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
