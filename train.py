@@ -2,7 +2,7 @@
 
     python train.py [--config configs/default.yaml] [--workdir DIR] [key.sub=value ...]
 
-Without --config the defaults of jaxtricks/config.py are used (the same as configs/default.yaml):
+Without --config the defaults of jaxtricks/lm/config.py are used (the same as configs/default.yaml):
 a tiny model on Python's own documentation, which trains on a laptop CPU in a few minutes.
 Starting again on a workdir that holds a checkpoint resumes from it.
 """
@@ -23,14 +23,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     # Imported after parsing so that --help is instant.
-    from jaxtricks.step import tune_host_malloc
+    from jaxtricks.lm.step import tune_host_malloc
 
     tune_host_malloc()  # before JAX starts its threads: faster CPU steps (BENCHMARKS.md)
 
-    from jaxtricks import config as config_lib
-    from jaxtricks import training
-    from jaxtricks.checkpoint import CheckpointError
-    from jaxtricks.data import DataError
+    from jaxtricks.lm import config as config_lib
+    from jaxtricks.lm import training
+    from jaxtricks.lm.checkpoint import CheckpointError
+    from jaxtricks.lm.data import DataError
 
     name = Path(args.config).stem if args.config else "default"
     workdir = args.workdir or str(Path("runs") / name)

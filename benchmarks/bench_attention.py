@@ -1,4 +1,4 @@
-"""Causal attention alone on CPU: query blocks (jaxtricks.model.causal_attention) vs one call.
+"""Causal attention alone on CPU: query blocks (jaxtricks.lm.model.causal_attention) vs one call.
 
 Forward + backward (``jax.grad`` of a weighted sum of the output) of the model's attention on
 ``(batch, seq, heads, head_dim)`` inputs, for ``num_blocks`` = 1 (one ``is_causal=True`` call of
@@ -36,7 +36,7 @@ class JaxAttention:
     def __init__(self, spec=None):
         import jax
 
-        from jaxtricks.step import tune_host_malloc
+        from jaxtricks.lm.step import tune_host_malloc
 
         tune_host_malloc()  # as train.py does
         jax.devices()
@@ -46,7 +46,7 @@ class JaxAttention:
         import jax
         import jax.numpy as jnp
 
-        from jaxtricks.model import causal_attention
+        from jaxtricks.lm.model import causal_attention
 
         if (shape, num_blocks) not in self._compiled:
             q, k, v, w = (jnp.asarray(x) for x in _inputs(*shape))

@@ -81,10 +81,10 @@ def measure(config, implementation: str, batch_size: int, steps: int, blocks: in
     import numpy as np
     from flax import nnx
 
-    from jaxtricks.model import Transformer, count_params, flops_per_token
-    from jaxtricks.optimizer import optimizer_from_config
-    from jaxtricks.step import TrainState, make_steps
-    from jaxtricks.training import peak_flops
+    from jaxtricks.lm.config import optimizer_from_config
+    from jaxtricks.lm.model import Transformer, count_params, flops_per_token
+    from jaxtricks.lm.step import TrainState, make_steps
+    from jaxtricks.lm.training import peak_flops
 
     jax.clear_caches()
     device = jax.local_devices()[0]
@@ -153,7 +153,7 @@ def main(argv=None) -> None:
 
     import jax
 
-    from jaxtricks import config as config_lib
+    from jaxtricks.lm import config as config_lib
 
     backend = jax.default_backend()
     if not args.quick and backend != "gpu":

@@ -59,7 +59,7 @@ TOTAL_STEPS = 10_000  # length of the cosine schedule of both optimizers (no eff
 # BENCHMARKS.md undone (the ratio of the step times is what that fix gives), or an opt-in setting
 # (cpu_devices=2, train.microbatches; the ratio is what it gives).
 VARIANTS = {
-    "glibc malloc": "without jaxtricks.step.tune_host_malloc() (glibc's malloc as it is)",
+    "glibc malloc": "without jaxtricks.lm.step.tune_host_malloc() (glibc's malloc as it is)",
     "heap trimmed above 2 GiB": "tune_host_malloc() with its trim threshold before commit "
     "3f92316: glibc gives the free heap top back once it passes 2 GiB",
     "autodiff LayerNorm": "LayerNorm as before its hand-written backward: one pass, autodiff",
@@ -87,7 +87,7 @@ def _undo(variant: str) -> None:
     import jax
     import jax.numpy as jnp
 
-    import jaxtricks.model as model
+    import jaxtricks.lm.model as model
 
     if variant == "autodiff LayerNorm":  # jaxtricks' LayerNorm before commit baec7f7
 
@@ -106,7 +106,7 @@ def _undo(variant: str) -> None:
     elif variant == "heap trimmed above 2 GiB":  # tune_host_malloc before commit 3f92316
         import ctypes
 
-        from jaxtricks.step import _M_TRIM_THRESHOLD
+        from jaxtricks.lm.step import _M_TRIM_THRESHOLD
 
         ctypes.CDLL(None).mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
     elif variant not in VARIANTS:
@@ -117,7 +117,7 @@ def default_optimizer() -> dict:
     """The optimizer section of configs/default.yaml (what ``python train.py`` trains with)."""
     import dataclasses
 
-    from jaxtricks import config as config_lib
+    from jaxtricks.lm import config as config_lib
 
     return dataclasses.asdict(config_lib.load(DEFAULT_YAML).optimizer)
 
@@ -126,7 +126,7 @@ def default_model() -> tuple[dict, int, int]:
     """configs/default.yaml's model, batch size and sequence length."""
     import dataclasses
 
-    from jaxtricks import config as config_lib
+    from jaxtricks.lm import config as config_lib
 
     config = config_lib.load(DEFAULT_YAML)
     model = dataclasses.asdict(config.model)
@@ -188,7 +188,7 @@ class JaxBench(_StepBench):
 
     def __init__(self, spec: dict | None = None, variant: str | None = None,
                  xla_flags: str | None = None):
-        from jaxtricks.step import tune_host_malloc, use_cpu_devices
+        from jaxtricks.lm.step import tune_host_malloc, use_cpu_devices
 
         if xla_flags:  # read when the backend starts (jax.devices() below), not before
             os.environ["XLA_FLAGS"] = _with_xla_flags(xla_flags)
@@ -215,10 +215,9 @@ class JaxBench(_StepBench):
         import jax.numpy as jnp
         from flax import nnx
 
-        from jaxtricks.config import ModelConfig, OptimizerConfig
-        from jaxtricks.model import Transformer, count_params
-        from jaxtricks.optimizer import optimizer_from_config
-        from jaxtricks.step import TrainState, make_steps, unreplicate_metrics
+        from jaxtricks.lm.config import ModelConfig, OptimizerConfig, optimizer_from_config
+        from jaxtricks.lm.model import Transformer, count_params
+        from jaxtricks.lm.step import TrainState, make_steps, unreplicate_metrics
 
         self.state = self.steps = self._parts = None
         jax.clear_caches()
@@ -258,7 +257,7 @@ class JaxBench(_StepBench):
         the trainer does), and the share of the CPUs other processes used meanwhile."""
         import jax
 
-        from jaxtricks.step import unreplicate_metrics
+        from jaxtricks.lm.step import unreplicate_metrics
 
         metrics = None
         with OthersShare() as others:
@@ -299,7 +298,7 @@ class JaxBench(_StepBench):
         import optax
         from flax import nnx
 
-        from jaxtricks.step import cross_entropy
+        from jaxtricks.lm.step import cross_entropy
 
         graphdef, rest, batch, optimizer = self.graphdef, self.rest, self.batch, self.optimizer
 
@@ -349,7 +348,7 @@ class JaxBench(_StepBench):
 
 
 def _torch_gpt():
-    """The PyTorch twin of jaxtricks.model.Transformer (learned positions, tied embedding)."""
+    """The PyTorch twin of jaxtricks.lm.model.Transformer (learned positions, tied embedding)."""
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -564,8 +563,8 @@ def _start_workers(spec: dict | None, with_torch: bool, variants: tuple[str, ...
 
 def section_step(args, models: dict, with_torch: bool) -> str:
     """Throughput, share of the matmul peak, compile time and memory; optionally the breakdown."""
-    from jaxtricks.config import ModelConfig
-    from jaxtricks.model import flops_per_token
+    from jaxtricks.lm.config import ModelConfig
+    from jaxtricks.lm.model import flops_per_token
 
     rows, notes, breakdown_rows = [], [], []
     for label, (arch, batch, seq) in models.items():

@@ -13,15 +13,12 @@ from jaxtricks.clipping import (
     global_norm,
     skip_nonfinite,
 )
-from jaxtricks.config import Config, ConfigError
 from jaxtricks.optimizer import (
     OPTIMIZER_NAMES,
     LearningRateState,
     make_optimizer,
-    optimizer_from_config,
     optimizer_stats,
     scale_by_learning_rate,
-    schedule_from_config,
 )
 from jaxtricks.regularization import (
     L1RegularizationState,
@@ -46,9 +43,6 @@ from jaxtricks.schedules import (
 )
 
 __all__ = [
-    # config
-    "Config",
-    "ConfigError",
     # schedules
     "DECAY_SHAPES",
     "constant",
@@ -80,8 +74,6 @@ __all__ = [
     "OPTIMIZER_NAMES",
     "LearningRateState",
     "make_optimizer",
-    "optimizer_from_config",
     "optimizer_stats",
     "scale_by_learning_rate",
-    "schedule_from_config",
 ]

@@ -1,8 +1,8 @@
-"""``python -m jaxtricks``: the same as the ``jaxtricks`` command (see :mod:`jaxtricks.cli`)."""
+"""``python -m jaxtricks``: the trainer's command-line tools (see :mod:`jaxtricks.lm.cli`)."""
 
 import sys
 
-from jaxtricks.cli import main
+from jaxtricks.lm.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

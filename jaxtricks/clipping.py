@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxtricks.schedules import _check_positive, _check_real
+from jaxtricks import _checks
 
 
 class ClipByGlobalNormState(NamedTuple):
@@ -96,7 +96,7 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
       Pascanu et al., On the difficulty of training Recurrent Neural Networks, 2012,
       https://arxiv.org/abs/1211.5063
     """
-    max_norm = _check_real("max_norm", max_norm)
+    max_norm = _checks.check_real("max_norm", max_norm)
     if math.isnan(max_norm) or max_norm <= 0:
         raise ValueError(f"max_norm must be a number > 0 (inf: record only), got {max_norm!r}.")
 
@@ -146,7 +146,7 @@ def clip_by_value(max_abs: float) -> optax.GradientTransformation:
     References:
       Mikolov, Statistical Language Models Based on Neural Networks, 2012 (PhD thesis, Brno).
     """
-    max_abs = _check_positive("max_abs", max_abs)
+    max_abs = _checks.check_positive("max_abs", max_abs)
 
     def init_fn(params):
         del params

@@ -21,21 +21,14 @@ of the chain (except the norm recorder of step 1).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from jaxtricks import clipping, regularization, schedules
-from jaxtricks.schedules import (
-    _check_finite,
-    _check_positive,
-    _check_real,
-    _check_scalar_or_schedule,
-    _check_steps,
-    _value_at,
-)
+from jaxtricks import _checks, clipping, regularization
 
 OPTIMIZER_NAMES = ("sgd", "momentum", "adam", "adamw")
 
@@ -72,16 +65,16 @@ def scale_by_learning_rate(learning_rate: Any) -> optax.GradientTransformation:
       >>> updates.tolist(), float(state.learning_rate), int(state.count)
       ([-1.0], 0.5, 3)
     """
-    learning_rate = _check_scalar_or_schedule("learning_rate", learning_rate, positive=True)
+    learning_rate = _checks.check_scalar_or_schedule("learning_rate", learning_rate, positive=True)
 
     def init_fn(params):
         del params
         count = jnp.zeros([], jnp.int32)
-        return LearningRateState(count=count, learning_rate=_value_at(learning_rate, count))
+        return LearningRateState(count=count, learning_rate=_checks.value_at(learning_rate, count))
 
     def update_fn(updates, state, params=None):
         del params
-        lr = _value_at(learning_rate, state.count)
+        lr = _checks.value_at(learning_rate, state.count)
         new_updates = jax.tree.map(lambda u: (-lr * u).astype(u.dtype), updates)
         return new_updates, LearningRateState(
             count=optax.safe_increment(state.count), learning_rate=lr
@@ -91,15 +84,9 @@ def scale_by_learning_rate(learning_rate: Any) -> optax.GradientTransformation:
 
 
 def _is_off(value: Any) -> bool:
-    """0 or None switches a trick off; a schedule is always on."""
-    return value is None or (not callable(value) and value == 0)
-
-
-def _check_unit_interval(name: str, value: Any) -> float:
-    x = _check_finite(name, value)
-    if not 0.0 <= x < 1.0:
-        raise ValueError(f"{name} must satisfy 0 <= {name} < 1, got {value!r}.")
-    return x
+    """0 or None switches a trick off; a schedule or an array (e.g. a hyperparameter injected by
+    ``optax.inject_hyperparams``, which may change later) keeps it in the chain."""
+    return value is None or (isinstance(value, numbers.Real) and value == 0)
 
 
 def make_optimizer(
@@ -131,7 +118,7 @@ def make_optimizer(
 
     Args:
       name: one of ``sgd``, ``momentum``, ``adam``, ``adamw``.
-      learning_rate: a number > 0 or a schedule (e.g. from :func:`schedule_from_config`).
+      learning_rate: a number > 0 or a schedule (e.g. from :func:`jaxtricks.linear_warmup`).
       momentum: ``0 <= momentum < 1``, used by ``name="momentum"``.
       b1: Adam's first-moment decay, ``0 <= b1 < 1``.
       b2: Adam's second-moment decay, ``0 <= b2 < 1``.
@@ -173,19 +160,17 @@ def make_optimizer(
     """
     if name not in OPTIMIZER_NAMES:
         raise ValueError(f"name must be one of {', '.join(OPTIMIZER_NAMES)}, got {name!r}.")
-    learning_rate = _check_scalar_or_schedule("learning_rate", learning_rate, positive=True)
-    momentum = _check_unit_interval("momentum", momentum)
-    b1 = _check_unit_interval("b1", b1)
-    b2 = _check_unit_interval("b2", b2)
-    eps = _check_positive("eps", eps)
+    learning_rate = _checks.check_scalar_or_schedule("learning_rate", learning_rate, positive=True)
+    momentum = _checks.check_unit_interval("momentum", momentum)
+    b1 = _checks.check_unit_interval("b1", b1)
+    b2 = _checks.check_unit_interval("b2", b2)
+    eps = _checks.check_positive("eps", eps)
     if clip_norm is not None:
-        clip_norm = _check_real("clip_norm", clip_norm)
-        if math.isnan(clip_norm) or clip_norm <= 0:
-            raise ValueError(f"clip_norm must be a number > 0 or None, got {clip_norm!r}.")
+        clip_norm = _checks.check_positive_or_inf("clip_norm", clip_norm, "record only")
     tricks = {"l1": l1, "l2": l2, "weight_decay": weight_decay}
     for key, value in tricks.items():
         if value is not None:
-            _check_scalar_or_schedule(key, value)
+            _checks.check_scalar_or_schedule(key, value)
 
     parts = [clipping.clip_by_global_norm(math.inf if clip_norm is None else clip_norm)]
     if not _is_off(l1):
@@ -286,120 +271,3 @@ def optimizer_stats(opt_state: Any) -> dict[str, jax.Array]:
     if (l2 := first(regularization.L2RegularizationState)) is not None and l2.penalty is not None:
         stats["l2_penalty"] = l2.penalty
     return stats
-
-
-# --------------------------------------------------------------------------- from the config
-
-
-def schedule_from_config(cfg: Any, total_steps: int) -> schedules.Schedule:
-    """The learning-rate schedule of an ``OptimizerConfig`` for a run of ``total_steps`` updates.
-
-    ``cfg.warmup_steps`` of linear warmup from 0 to ``cfg.learning_rate``, then the chosen decay
-    over the remaining ``R = total_steps - warmup_steps`` steps:
-
-    - ``constant``: the peak;
-    - ``cosine``: :func:`cosine_decay` to ``end_value`` over ``R``;
-    - ``linear``: :func:`polynomial_decay` with power 1 to ``end_value`` over ``R``;
-    - ``polynomial``: :func:`polynomial_decay` with ``power`` to ``end_value`` over ``R``;
-    - ``exponential``: :func:`exponential_decay` with ``decay_rate``, floored at ``end_value``;
-    - ``wsd``: :func:`warmup_stable_decay` whose decay lasts ``decay_fraction`` of the whole run
-      (``round(decay_fraction * total_steps)``, at least 1, at most ``R``) with ``decay_shape``;
-    - ``inverse_sqrt``: :func:`inverse_sqrt` with the warmup as its ``W`` (needs
-      ``warmup_steps >= 1``).
-
-    Optax's convention: update ``i`` (from 0) uses ``schedule(i)``; the decays reach
-    ``end_value`` at step ``total_steps``, one past the last update.
-
-    Args:
-      cfg: a :class:`jaxtricks.config.OptimizerConfig`.
-      total_steps: the number of updates in the run (``train.steps``), > ``cfg.warmup_steps``.
-
-    Returns:
-      ``schedule(step) -> float32 array``.
-
-    Example:
-      >>> from jaxtricks.config import OptimizerConfig
-      >>> import jaxtricks
-      >>> cfg = OptimizerConfig(learning_rate=1.0, schedule="linear", warmup_steps=2)
-      >>> schedule = jaxtricks.schedule_from_config(cfg, total_steps=6)
-      >>> [float(schedule(t)) for t in range(7)]
-      [0.0, 0.5, 1.0, 0.75, 0.5, 0.25, 0.0]
-    """
-    total_steps = _check_steps("total_steps", total_steps, 1)
-    warmup = _check_steps("warmup_steps", cfg.warmup_steps, 0)
-    if warmup >= total_steps:
-        raise ValueError(
-            f"warmup_steps must be < total_steps={total_steps}, got {cfg.warmup_steps!r}."
-        )
-    remaining = total_steps - warmup
-    peak, end = cfg.learning_rate, cfg.end_value
-    kind = cfg.schedule
-    if kind == "wsd":
-        decay = min(remaining, max(1, round(cfg.decay_fraction * total_steps)))
-        return schedules.warmup_stable_decay(
-            peak, warmup, remaining - decay, decay, end_value=end, decay_shape=cfg.decay_shape
-        )
-    if kind == "inverse_sqrt":
-        return schedules.inverse_sqrt(peak, warmup)
-    if kind == "constant":
-        after = schedules.constant(peak)
-    elif kind == "cosine":
-        after = schedules.cosine_decay(peak, remaining, end_value=end)
-    elif kind == "linear":
-        after = schedules.polynomial_decay(peak, remaining, power=1.0, end_value=end)
-    elif kind == "polynomial":
-        after = schedules.polynomial_decay(peak, remaining, power=cfg.power, end_value=end)
-    elif kind == "exponential":
-        after = schedules.exponential_decay(peak, cfg.decay_rate, end_value=end)
-    else:
-        raise ValueError(
-            "schedule must be one of constant, cosine, linear, exponential, polynomial, wsd, "
-            f"inverse_sqrt, got {kind!r}."
-        )
-    return schedules.warmup_then(warmup, after)
-
-
-def optimizer_from_config(
-    cfg: Any, total_steps: int, *, learning_rate: Any = None
-) -> optax.GradientTransformationExtraArgs:
-    """:func:`make_optimizer` for an ``OptimizerConfig`` and a run of ``total_steps`` updates.
-
-    The learning rate is :func:`schedule_from_config` unless ``learning_rate`` replaces it;
-    ``decay_all=False`` restricts l1, l2 and weight_decay to :func:`jaxtricks.decay_mask`
-    (matrices and embeddings). The L1 / L2 penalties are recorded (the trainer logs them).
-
-    Args:
-      cfg: a :class:`jaxtricks.config.OptimizerConfig`.
-      total_steps: the number of updates in the run (``train.steps``).
-      learning_rate: a number or schedule to use instead of the configured schedule (the
-        learning-rate range test sweeps its own).
-
-    Returns:
-      The chain of :func:`make_optimizer`.
-
-    Example:
-      >>> from jaxtricks.config import OptimizerConfig
-      >>> import jax.numpy as jnp, jaxtricks
-      >>> tx = jaxtricks.optimizer_from_config(OptimizerConfig(), total_steps=100)
-      >>> params = {"w": jnp.ones((2, 2))}
-      >>> _, state = tx.update({"w": jnp.ones((2, 2))}, tx.init(params), params)
-      >>> sorted(jaxtricks.optimizer_stats(state))
-      ['clipped', 'consecutive_skipped', 'grad_norm', 'learning_rate', 'skipped', 'skipped_step']
-    """
-    return make_optimizer(
-        name=cfg.name,
-        learning_rate=(
-            schedule_from_config(cfg, total_steps) if learning_rate is None else learning_rate
-        ),
-        momentum=cfg.momentum,
-        b1=cfg.b1,
-        b2=cfg.b2,
-        eps=cfg.eps,
-        clip_norm=cfg.clip_norm,
-        l1=cfg.l1,
-        l2=cfg.l2,
-        weight_decay=cfg.weight_decay,
-        mask=None if cfg.decay_all else regularization.decay_mask,
-        skip_nonfinite=cfg.skip_nonfinite,
-        record_penalties=True,
-    )

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxtricks.schedules import _check_scalar_or_schedule, _value_at
+from jaxtricks import _checks
 
 Mask = Any  # None | pytree of bools | Callable[[params], pytree of bools]
 
@@ -116,7 +116,7 @@ def _penalty_transform(
     def update_fn(updates, state, params=None):
         if params is None:
             raise _missing_params(name)
-        s = _value_at(strength, state.count)
+        s = _checks.value_at(strength, state.count)
         mask_tree = _full_mask(mask, params)
 
         def add(g, p, m):
@@ -178,7 +178,7 @@ def l1_regularization(
 
       Tibshirani, Regression Shrinkage and Selection via the Lasso, 1996 (J. R. Stat. Soc. B).
     """
-    strength = _check_scalar_or_schedule("strength", strength)
+    strength = _checks.check_scalar_or_schedule("strength", strength)
     return _penalty_transform(
         "l1_regularization",
         strength,
@@ -229,7 +229,7 @@ def l2_regularization(
 
       Krogh & Hertz, A Simple Weight Decay Can Improve Generalization, 1991 (NeurIPS).
     """
-    strength = _check_scalar_or_schedule("strength", strength)
+    strength = _checks.check_scalar_or_schedule("strength", strength)
     return _penalty_transform(
         "l2_regularization",
         strength,
@@ -275,7 +275,7 @@ def weight_decay(rate: Any, *, mask: Mask = None) -> optax.GradientTransformatio
       Loshchilov & Hutter, Decoupled Weight Decay Regularization, 2017,
       https://arxiv.org/abs/1711.05101
     """
-    rate = _check_scalar_or_schedule("rate", rate)
+    rate = _checks.check_scalar_or_schedule("rate", rate)
 
     def init_fn(params):
         del params
@@ -284,7 +284,7 @@ def weight_decay(rate: Any, *, mask: Mask = None) -> optax.GradientTransformatio
     def update_fn(updates, state, params=None):
         if params is None:
             raise _missing_params("weight_decay")
-        r = _value_at(rate, state.count)
+        r = _checks.value_at(rate, state.count)
         mask_tree = _full_mask(mask, params)
 
         def add(g, p, m):

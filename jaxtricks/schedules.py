@@ -15,80 +15,18 @@ Compound schedules are joins of simple ones: a later piece sees the step counted
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from jaxtricks import _checks
+
 Schedule = Callable[[Any], jax.Array]
 
 DECAY_SHAPES = ("linear", "cosine", "sqrt")
 _INT32_MAX = 2**31 - 1
-
-
-# --------------------------------------------------------------------------- argument checks
-# Shared with regularization.py, clipping.py and optimizer.py: every message names the argument
-# and the value.
-
-
-def _check_real(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a real number, got {value!r}.")
-    return float(value)
-
-
-def _check_finite(name: str, value: Any) -> float:
-    x = _check_real(name, value)
-    if not math.isfinite(x):
-        raise ValueError(f"{name} must be a finite number, got {value!r}.")
-    return x
-
-
-def _check_nonnegative(name: str, value: Any) -> float:
-    x = _check_finite(name, value)
-    if x < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
-    return x
-
-
-def _check_positive(name: str, value: Any) -> float:
-    x = _check_finite(name, value)
-    if x <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
-    return x
-
-
-def _check_steps(name: str, value: Any, minimum: int) -> int:
-    """An integer number of steps >= minimum (integer-valued floats such as 10.0 are accepted)."""
-    ok = not isinstance(value, bool) and (
-        isinstance(value, numbers.Integral)
-        or (isinstance(value, numbers.Real) and float(value).is_integer())
-    )
-    if not ok or int(value) < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-    return int(value)
-
-
-def _check_schedule(name: str, value: Any) -> Callable:
-    if not callable(value):
-        raise ValueError(f"{name} must be a schedule (a callable step -> value), got {value!r}.")
-    return value
-
-
-def _check_scalar_or_schedule(name: str, value: Any, *, positive: bool = False) -> Any:
-    """A schedule is returned as is; a number must be finite and >= 0 (> 0 when positive)."""
-    if callable(value):
-        return value
-    return _check_positive(name, value) if positive else _check_nonnegative(name, value)
-
-
-def _value_at(value: Any, count: jax.Array) -> jax.Array:
-    """``value(count)`` for a schedule, else the number itself, as a float32 scalar."""
-    out = value(count) if callable(value) else value
-    return jnp.asarray(out, dtype=jnp.float32)
 
 
 def _float_step(step: Any) -> jax.Array:
@@ -117,7 +55,7 @@ def constant(value: float) -> Schedule:
       >>> float(jaxtricks.constant(0.5)(10**6))
       0.5
     """
-    value = _check_finite("value", value)
+    value = _checks.check_finite("value", value)
 
     def schedule(step):
         return jnp.full(jnp.shape(step), value, dtype=jnp.float32)
@@ -164,11 +102,11 @@ def exponential_decay(
     References:
       The source document (training-tricks.zh.md), section 3.1.1 and its ``ExponentialLR`` snippet.
     """
-    init_value = _check_finite("init_value", init_value)
-    rate = _check_nonnegative("rate", rate)
-    transition_begin = _check_steps("transition_begin", transition_begin, 0)
+    init_value = _checks.check_finite("init_value", init_value)
+    rate = _checks.check_nonnegative("rate", rate)
+    transition_begin = _checks.check_steps("transition_begin", transition_begin, 0)
     if end_value is not None:
-        end_value = _check_finite("end_value", end_value)
+        end_value = _checks.check_finite("end_value", end_value)
         if not min(0.0, init_value) <= end_value <= max(0.0, init_value):
             raise ValueError(
                 f"end_value must lie between 0 and init_value={init_value!r} (the range the decay "
@@ -222,11 +160,11 @@ def polynomial_decay(
     References:
       The source document (training-tricks.zh.md), section 3.1.1.
     """
-    init_value = _check_finite("init_value", init_value)
-    decay_steps = _check_steps("decay_steps", decay_steps, 1)
-    power = _check_positive("power", power)
-    end_value = _check_finite("end_value", end_value)
-    transition_begin = _check_steps("transition_begin", transition_begin, 0)
+    init_value = _checks.check_finite("init_value", init_value)
+    decay_steps = _checks.check_steps("decay_steps", decay_steps, 1)
+    power = _checks.check_positive("power", power)
+    end_value = _checks.check_finite("end_value", end_value)
+    transition_begin = _checks.check_steps("transition_begin", transition_begin, 0)
 
     def schedule(step):
         t = jnp.clip(_float_step(step) - transition_begin, 0.0, decay_steps)
@@ -266,9 +204,9 @@ def linear_warmup(peak_value: float, warmup_steps: int, *, init_value: float = 0
       Goyal et al., Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour, 2017,
       https://arxiv.org/abs/1706.02677
     """
-    peak_value = _check_finite("peak_value", peak_value)
-    warmup_steps = _check_steps("warmup_steps", warmup_steps, 1)
-    init_value = _check_finite("init_value", init_value)
+    peak_value = _checks.check_finite("peak_value", peak_value)
+    warmup_steps = _checks.check_steps("warmup_steps", warmup_steps, 1)
+    init_value = _checks.check_finite("init_value", init_value)
 
     def schedule(step):
         fraction = jnp.clip(_float_step(step) / warmup_steps, 0.0, 1.0)
@@ -305,9 +243,9 @@ def cosine_decay(init_value: float, decay_steps: int, *, end_value: float = 0.0)
       Loshchilov & Hutter, SGDR: Stochastic Gradient Descent with Warm Restarts, 2016,
       https://arxiv.org/abs/1608.03983
     """
-    init_value = _check_finite("init_value", init_value)
-    decay_steps = _check_steps("decay_steps", decay_steps, 1)
-    end_value = _check_finite("end_value", end_value)
+    init_value = _checks.check_finite("init_value", init_value)
+    decay_steps = _checks.check_steps("decay_steps", decay_steps, 1)
+    end_value = _checks.check_finite("end_value", end_value)
 
     def schedule(step):
         fraction = jnp.clip(_float_step(step) / decay_steps, 0.0, 1.0)
@@ -344,8 +282,8 @@ def inverse_sqrt(peak_value: float, warmup_steps: int) -> Schedule:
     References:
       Vaswani et al., Attention Is All You Need, 2017, https://arxiv.org/abs/1706.03762
     """
-    peak_value = _check_finite("peak_value", peak_value)
-    warmup_steps = _check_steps("warmup_steps", warmup_steps, 1)
+    peak_value = _checks.check_finite("peak_value", peak_value)
+    warmup_steps = _checks.check_steps("warmup_steps", warmup_steps, 1)
 
     def schedule(step):
         t = _float_step(step)
@@ -389,13 +327,13 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
     if not schedules:
         raise ValueError(f"schedules must hold at least one schedule, got {schedules!r}.")
     for i, s in enumerate(schedules):
-        _check_schedule(f"schedules[{i}]", s)
+        _checks.check_schedule(f"schedules[{i}]", s)
     if len(boundaries) != len(schedules) - 1:
         raise ValueError(
             f"boundaries must hold len(schedules) - 1 = {len(schedules) - 1} steps, "
             f"got {boundaries!r}."
         )
-    boundaries = [_check_steps(f"boundaries[{i}]", b, 1) for i, b in enumerate(boundaries)]
+    boundaries = [_checks.check_steps(f"boundaries[{i}]", b, 1) for i, b in enumerate(boundaries)]
     if any(b > _INT32_MAX for b in boundaries):
         raise ValueError(f"boundaries must be <= 2**31 - 1 (int32 steps), got {boundaries!r}.")
     if any(b1 >= b2 for b1, b2 in zip(boundaries, boundaries[1:], strict=False)):
@@ -444,9 +382,9 @@ def warmup_then(warmup_steps: int, schedule: Schedule, *, init_value: float = 0.
       Goyal et al., Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour, 2017,
       https://arxiv.org/abs/1706.02677
     """
-    warmup_steps = _check_steps("warmup_steps", warmup_steps, 0)
-    after = _check_schedule("schedule", schedule)
-    init_value = _check_finite("init_value", init_value)
+    warmup_steps = _checks.check_steps("warmup_steps", warmup_steps, 0)
+    after = _checks.check_schedule("schedule", schedule)
+    init_value = _checks.check_finite("init_value", init_value)
     if warmup_steps > _INT32_MAX:
         raise ValueError(f"warmup_steps must be <= 2**31 - 1 (int32 steps), got {warmup_steps!r}.")
     if warmup_steps == 0:
@@ -513,12 +451,12 @@ def warmup_stable_decay(
       Hägele et al., Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations,
       2024, https://arxiv.org/abs/2405.18392
     """
-    peak_value = _check_finite("peak_value", peak_value)
-    warmup_steps = _check_steps("warmup_steps", warmup_steps, 0)
-    stable_steps = _check_steps("stable_steps", stable_steps, 0)
-    decay_steps = _check_steps("decay_steps", decay_steps, 1)
-    init_value = _check_finite("init_value", init_value)
-    end_value = _check_finite("end_value", end_value)
+    peak_value = _checks.check_finite("peak_value", peak_value)
+    warmup_steps = _checks.check_steps("warmup_steps", warmup_steps, 0)
+    stable_steps = _checks.check_steps("stable_steps", stable_steps, 0)
+    decay_steps = _checks.check_steps("decay_steps", decay_steps, 1)
+    init_value = _checks.check_finite("init_value", init_value)
+    end_value = _checks.check_finite("end_value", end_value)
     if decay_shape not in DECAY_SHAPES:
         raise ValueError(
             f"decay_shape must be one of {', '.join(DECAY_SHAPES)}, got {decay_shape!r}."

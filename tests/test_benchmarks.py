@@ -119,7 +119,8 @@ def test_bench_transforms_tune_host_malloc_in_header():
     out = _run_quick("--sections", "check", "--tune-host-malloc")
     glibc = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION") is not None
     if glibc:
-        assert "- host malloc: `jaxtricks.step.tune_host_malloc()` applied before JAX" in out, out
+        assert ("- host malloc: `jaxtricks.lm.step.tune_host_malloc()` applied before JAX"
+                in out), out
     else:
         assert "- host malloc: `--tune-host-malloc` given but not applied" in out, out
     assert "- equivalence OK" in out and "### Tried" not in out  # only the asked section ran

@@ -17,7 +17,7 @@ import sys
 import jax
 import pytest
 
-import jaxtricks.step
+import jaxtricks.lm.step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
@@ -203,7 +203,7 @@ def test_blocks_read_each_steps_metrics_once_the_next_is_dispatched(monkeypatch)
             events.append(("dispatch", state + 1))
             return state + 1, {"loss": state + 1}
 
-    monkeypatch.setattr(jaxtricks.step, "unreplicate_metrics",
+    monkeypatch.setattr(jaxtricks.lm.step, "unreplicate_metrics",
                         lambda metrics, steps: events.append(("read", metrics["loss"])))
     bench = object.__new__(bench_step.JaxBench)
     bench.steps, bench.state, bench.batch, bench.rng = Steps(), 0, None, None

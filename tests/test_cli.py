@@ -15,9 +15,9 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from jaxtricks import config as config_lib
-from jaxtricks import plots
-from jaxtricks.cli import main
+from jaxtricks.lm import config as config_lib
+from jaxtricks.lm import plots
+from jaxtricks.lm.cli import main
 
 TINY = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.d_ff=64",
         "model.max_seq_len=32", "data.seq_len=32", "train.batch_size=8",
@@ -27,7 +27,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from jaxtricks import training
+    from jaxtricks.lm import training
 
     workdir = tmp_path_factory.mktemp("run")
     config = config_lib.load(None, TINY + [
@@ -141,7 +141,7 @@ def test_report_of_the_run(run_dir, capsys):
 
 
 def test_sample_is_reproducible_for_a_seed(run_dir, capsys):
-    from jaxtricks import sampling
+    from jaxtricks.lm import sampling
 
     args = ["sample", str(run_dir), "--prompt", "The ", "--max-new-tokens", "20", "--top-k", "40"]
     assert main([*args, "--seed", "3"]) == 0

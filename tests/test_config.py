@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jaxtricks import config as config_lib
-from jaxtricks.config import Config, ConfigError
+from jaxtricks.lm import config as config_lib
+from jaxtricks.lm.config import Config, ConfigError
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 

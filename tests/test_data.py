@@ -1,4 +1,4 @@
-"""Tests of jaxtricks.data: tokenizer, packing, shuffling, sharding, resume, the three sources.
+"""Tests of jaxtricks.lm.data: tokenizer, packing, shuffling, sharding, resume, the three sources.
 
 Every dataset is prepared under pytest's tmp_path; nothing is written to ~/tensorflow_datasets.
 """
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from jaxtricks import data
-from jaxtricks.config import DataConfig
+from jaxtricks.lm import data
+from jaxtricks.lm.config import DataConfig
 
 EOS = data.EOS_ID
 tok = data.ByteTokenizer()

@@ -11,7 +11,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from jaxtricks import lr_find, plots
+from jaxtricks.lm import lr_find, plots
 
 
 def test_exponential_range_is_geometric_and_clamped():

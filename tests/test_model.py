@@ -10,8 +10,8 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxtricks.config import ModelConfig
-from jaxtricks.model import KVCache, Transformer, count_params, flops_per_token, init_cache
+from jaxtricks.lm.config import ModelConfig
+from jaxtricks.lm.model import KVCache, Transformer, count_params, flops_per_token, init_cache
 
 TINY = ModelConfig(num_layers=2, d_model=32, num_heads=4, d_ff=64, max_seq_len=16)
 GPT2_SMALL = ModelConfig(
@@ -127,7 +127,7 @@ def test_causal(model):
 @pytest.mark.parametrize("shape", [(5, 16), (2, 3, 16)])
 def test_layer_norm_gradients_equal_autodiff_of_the_formula(shape):
     """The hand-written backward pass against jax.grad of the textbook LayerNorm."""
-    from jaxtricks.model import NORM_EPS, layer_norm
+    from jaxtricks.lm.model import NORM_EPS, layer_norm
 
     def textbook(x, scale, bias):
         mean = x.mean(-1, keepdims=True)
@@ -154,7 +154,7 @@ def test_layer_norm_gradients_equal_autodiff_of_the_formula(shape):
 def test_matmul_2d_equals_einsum_with_gradients():
     from jax.test_util import check_grads
 
-    from jaxtricks.model import matmul_2d
+    from jaxtricks.lm.model import matmul_2d
 
     x = jax.random.normal(jax.random.key(0), (2, 3, 8))
     kernel = jax.random.normal(jax.random.key(1), (8, 5))
@@ -195,7 +195,7 @@ def test_every_matmul_of_the_backward_pass_contracts_one_axis(model):
 def test_blocked_causal_attention_equals_one_call(seq, num_blocks):
     """Query blocks that skip the masked keys give the one-call causal attention and its
     gradients, also for blocks of unequal size; too short a sequence falls back to one call."""
-    from jaxtricks.model import causal_attention
+    from jaxtricks.lm.model import causal_attention
 
     q, k, v, weights = jax.random.normal(jax.random.key(0), (4, 2, seq, 3, 8))
 

@@ -12,7 +12,8 @@ import pytest
 
 import jaxtricks
 from jaxtricks import optimizer
-from jaxtricks.config import OptimizerConfig
+from jaxtricks.lm import config as config_lib
+from jaxtricks.lm.config import OptimizerConfig
 
 # --------------------------------------------------------------------------- the source's recipe
 # Sections 4.1-4.3 of the source document, as one PyTorch loop (one "epoch" = one update here):
@@ -389,7 +390,7 @@ def test_missing_params_with_regularization_is_a_clear_error():
 
 
 def lr_values(cfg, total, steps):
-    schedule = jax.jit(jaxtricks.schedule_from_config(cfg, total))
+    schedule = jax.jit(config_lib.schedule_from_config(cfg, total))
     return [float(schedule(jnp.asarray(t, jnp.int32))) for t in steps]
 
 
@@ -424,9 +425,9 @@ def test_schedule_from_config(fields, total, steps, want):
 
 def test_schedule_from_config_rejects_a_warmup_as_long_as_the_run():
     with pytest.raises(ValueError, match="warmup_steps.*total_steps=10"):
-        jaxtricks.schedule_from_config(OptimizerConfig(warmup_steps=10), 10)
+        config_lib.schedule_from_config(OptimizerConfig(warmup_steps=10), 10)
     with pytest.raises(ValueError, match="total_steps"):
-        jaxtricks.schedule_from_config(OptimizerConfig(), 0)
+        config_lib.schedule_from_config(OptimizerConfig(), 0)
 
 
 @pytest.mark.parametrize("decay_all", [False, True])
@@ -435,7 +436,7 @@ def test_optimizer_from_config_equals_make_optimizer(decay_all):
                           clip_norm=1.0, l1=1e-3, l2=1e-3, weight_decay=0.1, decay_all=decay_all,
                           skip_nonfinite=True, b2=0.95)
     params, grads = params_and_grads()
-    p_cfg, _ = run(jaxtricks.optimizer_from_config(cfg, 50), params, grads)
+    p_cfg, _ = run(config_lib.optimizer_from_config(cfg, 50), params, grads)
     manual = jaxtricks.make_optimizer(
         name="adamw", learning_rate=jaxtricks.warmup_then(2, jaxtricks.cosine_decay(0.01, 48)),
         b2=0.95, clip_norm=1.0, l1=1e-3, l2=1e-3, weight_decay=0.1,
@@ -444,7 +445,7 @@ def test_optimizer_from_config_equals_make_optimizer(decay_all):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), p_cfg, p_manual)
     # decay_all=False: the bias is not regularized, so its L1 penalty is not counted. The penalty
     # is taken at the params of the last update: after one update, the initial params.
-    _, s_one = run(jaxtricks.optimizer_from_config(cfg, 50), params, grads[:1])
+    _, s_one = run(config_lib.optimizer_from_config(cfg, 50), params, grads[:1])
     l1 = float(jaxtricks.optimizer_stats(s_one)["l1_penalty"])
     kernel_l1 = 1e-3 * float(jnp.sum(jnp.abs(params["kernel"])))
     bias_l1 = 1e-3 * float(jnp.sum(jnp.abs(params["bias"])))
@@ -453,7 +454,7 @@ def test_optimizer_from_config_equals_make_optimizer(decay_all):
 
 def test_default_config_builds_and_reports():
     cfg = dataclasses.replace(OptimizerConfig(), warmup_steps=5)
-    tx = jaxtricks.optimizer_from_config(cfg, 100)
+    tx = config_lib.optimizer_from_config(cfg, 100)
     params, grads = params_and_grads(n=1)
     _, state = run(tx, params, grads)
     stats = jaxtricks.optimizer_stats(state)

@@ -7,9 +7,8 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-import jaxtricks
-from jaxtricks import config as config_lib
-from jaxtricks import plots
+from jaxtricks.lm import config as config_lib
+from jaxtricks.lm import plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -66,7 +65,7 @@ def test_schedule_curve_is_wsd_in_closed_form():
 def test_schedule_curve_equals_schedule_from_config_at_every_step(overrides):
     config = config_lib.load(None, ["train.steps=80", *overrides])
     steps, lrs = plots.schedule_curve(config)
-    schedule = jaxtricks.schedule_from_config(config.optimizer, config.train.steps)
+    schedule = config_lib.schedule_from_config(config.optimizer, config.train.steps)
     assert len(lrs) == 80
     np.testing.assert_allclose(lrs, [float(schedule(int(t))) for t in steps], rtol=1e-6)
 
@@ -160,6 +159,6 @@ def test_importing_plots_does_not_import_matplotlib():
     import subprocess
     import sys
 
-    code = "import sys, jaxtricks.plots, jaxtricks.cli; print('matplotlib' in sys.modules)"
+    code = "import sys, jaxtricks.lm.plots, jaxtricks.lm.cli; print('matplotlib' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "False", done.stderr

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxtricks import sampling
-from jaxtricks.config import ModelConfig
-from jaxtricks.model import Transformer
-from jaxtricks.sampling import filter_logits, generate
+from jaxtricks.lm import sampling
+from jaxtricks.lm.config import ModelConfig
+from jaxtricks.lm.model import Transformer
+from jaxtricks.lm.sampling import filter_logits, generate
 
 TINY = ModelConfig(num_layers=2, d_model=32, num_heads=4, d_ff=64, max_seq_len=16)
 

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtricks import config as config_lib
-from jaxtricks.step import accumulate_gradients, cross_entropy, make_steps
-from jaxtricks.training import init
+from jaxtricks.lm import config as config_lib
+from jaxtricks.lm.step import accumulate_gradients, cross_entropy, make_steps
+from jaxtricks.lm.training import init
 
 TINY = ["model.num_layers=2", "model.d_model=32", "model.num_heads=2", "model.d_ff=64",
         "model.max_seq_len=16", "data.seq_len=16", "train.batch_size=8", "train.steps=50",
@@ -197,7 +197,7 @@ def test_pmap_on_8_cpu_devices_equals_single_device():
 
 HOST_MALLOC_PROBE = textwrap.dedent("""
     import ctypes, sys, threading
-    from jaxtricks.step import tune_host_malloc
+    from jaxtricks.lm.step import tune_host_malloc
 
     class MallInfo2(ctypes.Structure):
         _fields_ = [(name, ctypes.c_size_t) for name in (

@@ -14,12 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jaxtricks
 import train
-from jaxtricks import config as config_lib
-from jaxtricks import data as data_lib
-from jaxtricks import step as step_lib
-from jaxtricks import training
+from jaxtricks.lm import config as config_lib
+from jaxtricks.lm import data as data_lib
+from jaxtricks.lm import step as step_lib
+from jaxtricks.lm import training
 
 ROOT = Path(__file__).parent.parent
 TINY = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.d_ff=64",
@@ -210,7 +209,7 @@ def test_a_nonfinite_step_is_skipped_and_the_run_goes_on(tmp_path, data_dir, mon
     # A skipped step leaves the optimizer state, the schedule's count included, as it was: the
     # logged rate is the last applied one, and step 7 makes the 5th update, with schedule(4).
     config = config_lib.load(None, _args(workdir, data_dir, steps=10)[2:])
-    schedule = jaxtricks.schedule_from_config(config.optimizer, 10)
+    schedule = config_lib.schedule_from_config(config.optimizer, 10)
     assert rows[5]["learning_rate"] == rows[6]["learning_rate"] == rows[4]["learning_rate"]
     assert rows[4]["learning_rate"] == pytest.approx(float(schedule(3)), rel=1e-6)
     assert rows[7]["learning_rate"] == pytest.approx(float(schedule(4)), rel=1e-6)

@@ -20,12 +20,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxtricks import config as config_lib
-from jaxtricks import data as data_lib
-from jaxtricks.checkpoint import CheckpointError, Checkpoints
-from jaxtricks.model import Transformer, count_params, flops_per_token
-from jaxtricks.optimizer import optimizer_from_config
-from jaxtricks.step import TrainState, make_steps, unreplicate_metrics, use_cpu_devices
+from jaxtricks.lm import config as config_lib
+from jaxtricks.lm import data as data_lib
+from jaxtricks.lm.checkpoint import CheckpointError, Checkpoints
+from jaxtricks.lm.config import optimizer_from_config
+from jaxtricks.lm.model import Transformer, count_params, flops_per_token
+from jaxtricks.lm.step import TrainState, make_steps, unreplicate_metrics, use_cpu_devices
 
 # Dense bf16 peak FLOP/s per chip, for MFU. Matched as a substring of jax's device_kind.
 PEAK_FLOPS = {
@@ -315,11 +315,11 @@ def run(config: config_lib.Config, workdir: str | Path) -> dict[str, Any]:
     checkpoints.close()
     if hasattr(train_iter, "close"):  # grain worker processes, when data.num_workers > 0
         train_iter.close()
-    from jaxtricks.plots import write_report  # matplotlib: imported only when needed
+    from jaxtricks.lm.plots import write_report  # matplotlib: imported only when needed
 
     print(f"report: {write_report(workdir)}")
     if not stop.signal_name and tc.sample_tokens > 0:
-        from jaxtricks.sampling import generate
+        from jaxtricks.lm.sampling import generate
 
         model = nnx.merge(graphdef, steps.get_state(state).params, rest)
         tokenizer = data_lib.ByteTokenizer()

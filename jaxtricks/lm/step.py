@@ -70,7 +70,7 @@ def use_cpu_devices(count: int | None) -> None:
     the 0.64M default model's 0.96x-0.97x (BENCHMARKS.md). ``None`` leaves JAX's default (one CPU
     device, or ``--xla_force_host_platform_device_count``). GPU and TPU devices are not affected.
 
-    Call it before JAX starts its backends; ``jaxtricks.training.preflight`` does.
+    Call it before JAX starts its backends; ``jaxtricks.lm.training.preflight`` does.
 
     Raises:
       ValueError: the backends have already started with another number of CPU devices.

@@ -2,7 +2,7 @@
 
 All the matplotlib code of jaxtricks is here. It draws on ``matplotlib.figure.Figure`` with the Agg
 canvas (no pyplot, so no GUI backend and no global state) and matplotlib is imported inside the
-functions that draw, so ``import jaxtricks.plots`` stays light. Each picture has a function that
+functions that draw, so ``import jaxtricks.lm.plots`` stays light. Each picture has a function that
 returns the data behind it (:func:`schedule_curve`, :func:`report_series`), which tests check.
 """
 
@@ -44,7 +44,7 @@ def _save(fig, path: str | Path) -> Path:
 def plot_lr_find(result, path: str | Path) -> Path:
     """The range test: loss (raw and smoothed) against the learning rate on a log axis, with the
     suggestion and the steepest point marked. ``result`` is a
-    :class:`jaxtricks.lr_find.RangeTestResult`."""
+    :class:`jaxtricks.lm.lr_find.RangeTestResult`."""
     fig, (ax,) = _figure(1, (8, 4.8))
     lrs, raw, smoothed = result.learning_rates, result.losses, result.smoothed
     ax.plot(lrs, raw, color="0.7", linewidth=0.8, label="training loss")
@@ -91,12 +91,12 @@ def plot_lr_find(result, path: str | Path) -> Path:
 
 def schedule_curve(config) -> tuple[np.ndarray, np.ndarray]:
     """The configured learning rate at every update: ``(steps, lrs)`` for ``steps = 0 ..
-    train.steps - 1``, from :func:`jaxtricks.schedule_from_config`, evaluated in one vectorised
-    call. Builds no model."""
+    train.steps - 1``, from :func:`jaxtricks.lm.config.schedule_from_config`, evaluated in one
+    vectorised call. Builds no model."""
     import jax
     import jax.numpy as jnp
 
-    from jaxtricks.optimizer import schedule_from_config
+    from jaxtricks.lm.config import schedule_from_config
 
     schedule = schedule_from_config(config.optimizer, config.train.steps)
     steps = np.arange(config.train.steps)
@@ -106,7 +106,7 @@ def schedule_curve(config) -> tuple[np.ndarray, np.ndarray]:
 
 def schedule_phases(config) -> dict[str, int]:
     """The steps where the schedule changes phase: ``warmup_end`` and, for ``wsd``,
-    ``decay_start`` (the same arithmetic as :func:`jaxtricks.schedule_from_config`)."""
+    ``decay_start`` (the same arithmetic as :func:`jaxtricks.lm.config.schedule_from_config`)."""
     oc, total = config.optimizer, config.train.steps
     phases = {"warmup_end": oc.warmup_steps}
     if oc.schedule == "wsd":

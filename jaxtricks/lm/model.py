@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxtricks.config import ModelConfig
+from jaxtricks.lm.config import ModelConfig
 
 INIT_STD = 0.02  # GPT-2 / nanoGPT
 NORM_EPS = 1e-5  # PyTorch's LayerNorm default, as in GPT-2

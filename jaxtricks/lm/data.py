@@ -45,7 +45,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags as absl_flags
 
-from jaxtricks.config import DataConfig
+from jaxtricks.lm.config import DataConfig
 
 VOCAB_SIZE = 257  # bytes 0..255 and the end-of-document token
 EOS_ID = 256

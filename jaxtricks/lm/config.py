@@ -14,7 +14,10 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
+import optax
 import yaml
+
+import jaxtricks
 
 
 class ConfigError(ValueError):
@@ -311,3 +314,123 @@ def validate(c: Config) -> None:
     if o.schedule == "inverse_sqrt":
         _check(o.warmup_steps >= 1, "optimizer.warmup_steps", o.warmup_steps,
                ">= 1 with schedule=inverse_sqrt")
+
+
+# --------------------------------------------------------------------------- config -> optimizer
+
+
+def schedule_from_config(cfg: Any, total_steps: int) -> jaxtricks.Schedule:
+    """The learning-rate schedule of an ``OptimizerConfig`` for a run of ``total_steps`` updates.
+
+    ``cfg.warmup_steps`` of linear warmup from 0 to ``cfg.learning_rate``, then the chosen decay
+    over the remaining ``R = total_steps - warmup_steps`` steps:
+
+    - ``constant``: the peak;
+    - ``cosine``: :func:`jaxtricks.cosine_decay` to ``end_value`` over ``R``;
+    - ``linear``: :func:`jaxtricks.polynomial_decay` with power 1 to ``end_value`` over ``R``;
+    - ``polynomial``: :func:`jaxtricks.polynomial_decay` with ``power`` to ``end_value`` over ``R``;
+    - ``exponential``: :func:`jaxtricks.exponential_decay` with ``decay_rate``, floored at
+      ``end_value``;
+    - ``wsd``: :func:`jaxtricks.warmup_stable_decay` whose decay lasts ``decay_fraction`` of the
+      whole run
+      (``round(decay_fraction * total_steps)``, at least 1, at most ``R``) with ``decay_shape``;
+    - ``inverse_sqrt``: :func:`jaxtricks.inverse_sqrt` with the warmup as its ``W`` (needs
+      ``warmup_steps >= 1``).
+
+    Optax's convention: update ``i`` (from 0) uses ``schedule(i)``; the decays reach
+    ``end_value`` at step ``total_steps``, one past the last update.
+
+    Args:
+      cfg: a :class:`jaxtricks.lm.config.OptimizerConfig`.
+      total_steps: the number of updates in the run (``train.steps``), > ``cfg.warmup_steps``.
+
+    Returns:
+      ``schedule(step) -> float32 array``.
+
+    Example:
+      >>> from jaxtricks.lm.config import OptimizerConfig
+      >>> import jaxtricks
+      >>> cfg = OptimizerConfig(learning_rate=1.0, schedule="linear", warmup_steps=2)
+      >>> schedule = schedule_from_config(cfg, total_steps=6)
+      >>> [float(schedule(t)) for t in range(7)]
+      [0.0, 0.5, 1.0, 0.75, 0.5, 0.25, 0.0]
+    """
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(f"total_steps must be an integer >= 1, got {total_steps!r}.")
+    warmup = cfg.warmup_steps
+    if not 0 <= warmup < total_steps:
+        raise ValueError(
+            f"warmup_steps must be < total_steps={total_steps}, got {cfg.warmup_steps!r}."
+        )
+    remaining = total_steps - warmup
+    peak, end = cfg.learning_rate, cfg.end_value
+    kind = cfg.schedule
+    if kind == "wsd":
+        decay = min(remaining, max(1, round(cfg.decay_fraction * total_steps)))
+        return jaxtricks.warmup_stable_decay(
+            peak, warmup, remaining - decay, decay, end_value=end, decay_shape=cfg.decay_shape
+        )
+    if kind == "inverse_sqrt":
+        return jaxtricks.inverse_sqrt(peak, warmup)
+    if kind == "constant":
+        after = jaxtricks.constant(peak)
+    elif kind == "cosine":
+        after = jaxtricks.cosine_decay(peak, remaining, end_value=end)
+    elif kind == "linear":
+        after = jaxtricks.polynomial_decay(peak, remaining, power=1.0, end_value=end)
+    elif kind == "polynomial":
+        after = jaxtricks.polynomial_decay(peak, remaining, power=cfg.power, end_value=end)
+    elif kind == "exponential":
+        after = jaxtricks.exponential_decay(peak, cfg.decay_rate, end_value=end)
+    else:
+        raise ValueError(
+            "schedule must be one of constant, cosine, linear, exponential, polynomial, wsd, "
+            f"inverse_sqrt, got {kind!r}."
+        )
+    return jaxtricks.warmup_then(warmup, after)
+
+
+def optimizer_from_config(
+    cfg: Any, total_steps: int, *, learning_rate: Any = None
+) -> optax.GradientTransformationExtraArgs:
+    """:func:`jaxtricks.make_optimizer` for an ``OptimizerConfig`` and a run of ``total_steps``.
+
+    The learning rate is :func:`schedule_from_config` unless ``learning_rate`` replaces it;
+    ``decay_all=False`` restricts l1, l2 and weight_decay to :func:`jaxtricks.decay_mask`
+    (matrices and embeddings). The L1 / L2 penalties are recorded (the trainer logs them).
+
+    Args:
+      cfg: a :class:`jaxtricks.lm.config.OptimizerConfig`.
+      total_steps: the number of updates in the run (``train.steps``).
+      learning_rate: a number or schedule to use instead of the configured schedule (the
+        learning-rate range test sweeps its own).
+
+    Returns:
+      The chain of :func:`jaxtricks.make_optimizer`.
+
+    Example:
+      >>> from jaxtricks.lm.config import OptimizerConfig
+      >>> import jax.numpy as jnp, jaxtricks
+      >>> tx = jaxtricks.optimizer_from_config(OptimizerConfig(), total_steps=100)
+      >>> params = {"w": jnp.ones((2, 2))}
+      >>> _, state = tx.update({"w": jnp.ones((2, 2))}, tx.init(params), params)
+      >>> sorted(jaxtricks.optimizer_stats(state))
+      ['clipped', 'consecutive_skipped', 'grad_norm', 'learning_rate', 'skipped', 'skipped_step']
+    """
+    return jaxtricks.make_optimizer(
+        name=cfg.name,
+        learning_rate=(
+            schedule_from_config(cfg, total_steps) if learning_rate is None else learning_rate
+        ),
+        momentum=cfg.momentum,
+        b1=cfg.b1,
+        b2=cfg.b2,
+        eps=cfg.eps,
+        clip_norm=cfg.clip_norm,
+        l1=cfg.l1,
+        l2=cfg.l2,
+        weight_decay=cfg.weight_decay,
+        mask=None if cfg.decay_all else jaxtricks.decay_mask,
+        skip_nonfinite=cfg.skip_nonfinite,
+        record_penalties=True,
+    )

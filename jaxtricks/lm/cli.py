@@ -81,11 +81,11 @@ def _default_workdir(config_path: str | None) -> Path:
 
 
 def cmd_lr_find(args) -> int:
-    from jaxtricks.step import tune_host_malloc
+    from jaxtricks.lm.step import tune_host_malloc
 
     tune_host_malloc()  # before JAX starts its threads, as train.py does
-    from jaxtricks import config as config_lib
-    from jaxtricks import lr_find, plots, training
+    from jaxtricks.lm import config as config_lib
+    from jaxtricks.lm import lr_find, plots, training
 
     lr_find.check_range(args.min_lr, args.max_lr, args.steps)
     config = config_lib.load(args.config, args.overrides)
@@ -125,8 +125,8 @@ def cmd_lr_find(args) -> int:
 
 
 def cmd_plot_schedule(args) -> int:
-    from jaxtricks import config as config_lib
-    from jaxtricks import plots
+    from jaxtricks.lm import config as config_lib
+    from jaxtricks.lm import plots
 
     config = config_lib.load(args.config, args.overrides)
     path = plots.plot_schedule(config, args.out)
@@ -139,7 +139,7 @@ def cmd_plot_schedule(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from jaxtricks import plots
+    from jaxtricks.lm import plots
 
     workdir = Path(args.dir)
     if not workdir.is_dir():
@@ -159,9 +159,9 @@ def cmd_sample(args) -> int:
     import jax
     import numpy as np
 
-    from jaxtricks import training
-    from jaxtricks.data import ByteTokenizer
-    from jaxtricks.sampling import generate
+    from jaxtricks.lm import training
+    from jaxtricks.lm.data import ByteTokenizer
+    from jaxtricks.lm.sampling import generate
 
     config, model, step = training.load_model(workdir)
     tokenizer = ByteTokenizer()
@@ -252,9 +252,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """The exception types that mean bad input, not a bug. Only modules already imported can have
     raised theirs; looking them up in sys.modules keeps e.g. ``report`` from importing orbax."""
     errors: list[type[BaseException]] = [UsageError]
-    for module, name in [("jaxtricks.config", "ConfigError"), ("jaxtricks.data", "DataError"),
-                         ("jaxtricks.checkpoint", "CheckpointError"),
-                         ("jaxtricks.lr_find", "LRFindError"), ("jaxtricks.plots", "ReportError")]:
+    for module, name in [("jaxtricks.lm.config", "ConfigError"),
+                         ("jaxtricks.lm.data", "DataError"),
+                         ("jaxtricks.lm.checkpoint", "CheckpointError"),
+                         ("jaxtricks.lm.lr_find", "LRFindError"),
+                         ("jaxtricks.lm.plots", "ReportError")]:
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))
     return tuple(errors)

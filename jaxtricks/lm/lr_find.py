@@ -255,14 +255,15 @@ def range_test(
     num_steps: int = 100,
     progress: Callable[[int, float, float, float], None] | None = None,
 ) -> RangeTestResult:
-    """Run the range test for ``config`` (a :class:`jaxtricks.config.Config`).
+    """Run the range test for ``config`` (a :class:`jaxtricks.lm.config.Config`).
 
     The model, data, batch size, seed, parallelism and every optimizer setting come from
     ``config``; only the learning rate is replaced by :func:`exponential_range` (no warmup, no
     decay). ``progress(step, lr, loss, smoothed)`` is called after every step.
 
-    The caller runs ``jaxtricks.training.preflight(config, out_dir)`` first (``jaxtricks lr-find``
-    does): it rejects, before anything is compiled, a batch that the devices cannot split.
+    The caller runs ``jaxtricks.lm.training.preflight(config, out_dir)`` first
+    (``jaxtricks lr-find`` does): it rejects, before anything is compiled, a batch that the
+    devices cannot split.
 
     Raises:
       LRFindError: a bad range. DataError: data that cannot be read.
@@ -270,9 +271,9 @@ def range_test(
     check_range(min_lr, max_lr, num_steps)
     import jax
 
-    from jaxtricks import data as data_lib
-    from jaxtricks.step import make_steps, unreplicate_metrics
-    from jaxtricks.training import init
+    from jaxtricks.lm import data as data_lib
+    from jaxtricks.lm.step import make_steps, unreplicate_metrics
+    from jaxtricks.lm.training import init
 
     data_lib.check_data(config.data)
     tc = config.train

@@ -1,4 +1,4 @@
-r"""Sampling text from the :class:`~jaxtricks.model.Transformer`: greedy, temperature, top-k, top-p.
+r"""Sampling text from the :class:`~jaxtricks.lm.model.Transformer`: greedy, temperature, top-k/p.
 
 With the KV cache the prompt is read once (prefill) and each new token then costs one position:
 a jitted single-token step called from a Python loop, compiled once per (batch, cache length) and
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxtricks.model import Transformer, init_cache
+from jaxtricks.lm.model import Transformer, init_cache
 
 # How often each jitted function below has been traced (i.e. compiled): for tests and diagnostics.
 TRACE_COUNTS: collections.Counter[str] = collections.Counter()
@@ -152,7 +152,7 @@ def generate(
     ``fold_in(rng, t)``, so a seed gives the same text with or without the cache. Dropout is off.
 
     Args:
-      model: the :class:`~jaxtricks.model.Transformer`.
+      model: the :class:`~jaxtricks.lm.model.Transformer`.
       prompt: ``(batch, prompt_len)`` int token ids (equal-length prompts), or ``(prompt_len,)``.
       max_new_tokens: number of tokens to add, >= 0.
       rng: a PRNG key (unused when greedy).
@@ -167,7 +167,7 @@ def generate(
       (``(prompt_len + max_new_tokens,)`` for a 1-D prompt). Beyond ``max_seq_len`` tokens the
       context slides (see the module docstring).
 
-    >>> from jaxtricks.config import ModelConfig
+    >>> from jaxtricks.lm.config import ModelConfig
     >>> cfg = ModelConfig(num_layers=1, d_model=32, num_heads=2, d_ff=64, max_seq_len=16)
     >>> model = Transformer(cfg, rngs=nnx.Rngs(0))
     >>> out = generate(model, np.array([72, 105]), max_new_tokens=5, rng=jax.random.key(0))
