@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     # Imported after parsing so that --help is instant.
-    from jaxtricks.lm.step import tune_host_malloc
+    from jaxtricks.lm.cpu import tune_host_malloc
 
     tune_host_malloc()  # before JAX starts its threads: faster CPU steps (BENCHMARKS.md)
 

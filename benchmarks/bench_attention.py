@@ -36,7 +36,7 @@ class JaxAttention:
     def __init__(self, spec=None):
         import jax
 
-        from jaxtricks.lm.step import tune_host_malloc
+        from jaxtricks.lm.cpu import tune_host_malloc
 
         tune_host_malloc()  # as train.py does
         jax.devices()

@@ -59,7 +59,7 @@ TOTAL_STEPS = 10_000  # length of the cosine schedule of both optimizers (no eff
 # BENCHMARKS.md undone (the ratio of the step times is what that fix gives), or an opt-in setting
 # (cpu_devices=2, train.microbatches; the ratio is what it gives).
 VARIANTS = {
-    "glibc malloc": "without jaxtricks.lm.step.tune_host_malloc() (glibc's malloc as it is)",
+    "glibc malloc": "without jaxtricks.lm.cpu.tune_host_malloc() (glibc's malloc as it is)",
     "heap trimmed above 2 GiB": "tune_host_malloc() with its trim threshold before commit "
     "3f92316: glibc gives the free heap top back once it passes 2 GiB",
     "autodiff LayerNorm": "LayerNorm as before its hand-written backward: one pass, autodiff",
@@ -188,7 +188,7 @@ class JaxBench(_StepBench):
 
     def __init__(self, spec: dict | None = None, variant: str | None = None,
                  xla_flags: str | None = None):
-        from jaxtricks.lm.step import tune_host_malloc, use_cpu_devices
+        from jaxtricks.lm.cpu import tune_host_malloc, use_cpu_devices
 
         if xla_flags:  # read when the backend starts (jax.devices() below), not before
             os.environ["XLA_FLAGS"] = _with_xla_flags(xla_flags)

@@ -433,7 +433,7 @@ def machine_header(argv: list[str], host_malloc: bool | None = None) -> None:
     if host_malloc is None:
         print("- host malloc: as it is (`--tune-host-malloc` not given)")
     elif host_malloc:
-        print("- host malloc: `jaxtricks.lm.step.tune_host_malloc()` applied before JAX started "
+        print("- host malloc: `jaxtricks.lm.cpu.tune_host_malloc()` applied before JAX started "
               "(one arena, no mmap, no trimming)")
     else:
         print("- host malloc: `--tune-host-malloc` given but not applied (not glibc, or "
@@ -1010,13 +1010,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--tune-host-malloc",
         action="store_true",
-        help="call jaxtricks.lm.step.tune_host_malloc() first, as train.py does (XLA's temporary "
+        help="call jaxtricks.lm.cpu.tune_host_malloc() first, as train.py does (XLA's temporary "
         "buffers stay mapped between updates; the header says whether glibc took it)",
     )
     args = parser.parse_args(argv)
     host_malloc = None  # not asked
     if args.tune_host_malloc:  # before JAX starts its backend and threads: nothing above does
-        from jaxtricks.lm.step import tune_host_malloc
+        from jaxtricks.lm.cpu import tune_host_malloc
 
         host_malloc = tune_host_malloc()
     default_sections = "check,main,scaling,tried" if args.quick else ",".join(SECTIONS)

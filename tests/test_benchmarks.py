@@ -119,7 +119,7 @@ def test_bench_transforms_tune_host_malloc_in_header():
     out = _run_quick("--sections", "check", "--tune-host-malloc")
     glibc = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION") is not None
     if glibc:
-        assert ("- host malloc: `jaxtricks.lm.step.tune_host_malloc()` applied before JAX"
+        assert ("- host malloc: `jaxtricks.lm.cpu.tune_host_malloc()` applied before JAX"
                 in out), out
     else:
         assert "- host malloc: `--tune-host-malloc` given but not applied" in out, out

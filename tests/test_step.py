@@ -197,7 +197,7 @@ def test_pmap_on_8_cpu_devices_equals_single_device():
 
 HOST_MALLOC_PROBE = textwrap.dedent("""
     import ctypes, sys, threading
-    from jaxtricks.lm.step import tune_host_malloc
+    from jaxtricks.lm.cpu import tune_host_malloc
 
     class MallInfo2(ctypes.Structure):
         _fields_ = [(name, ctypes.c_size_t) for name in (

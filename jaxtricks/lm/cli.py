@@ -81,7 +81,7 @@ def _default_workdir(config_path: str | None) -> Path:
 
 
 def cmd_lr_find(args) -> int:
-    from jaxtricks.lm.step import tune_host_malloc
+    from jaxtricks.lm.cpu import tune_host_malloc
 
     tune_host_malloc()  # before JAX starts its threads, as train.py does
     from jaxtricks.lm import config as config_lib

@@ -24,8 +24,9 @@ from jaxtricks.lm import config as config_lib
 from jaxtricks.lm import data as data_lib
 from jaxtricks.lm.checkpoint import CheckpointError, Checkpoints
 from jaxtricks.lm.config import optimizer_from_config
+from jaxtricks.lm.cpu import use_cpu_devices
 from jaxtricks.lm.model import Transformer, count_params, flops_per_token
-from jaxtricks.lm.step import TrainState, make_steps, unreplicate_metrics, use_cpu_devices
+from jaxtricks.lm.step import TrainState, make_steps, unreplicate_metrics
 
 # Dense bf16 peak FLOP/s per chip, for MFU. Matched as a substring of jax's device_kind.
 PEAK_FLOPS = {
