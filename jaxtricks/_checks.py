@@ -23,21 +23,27 @@ def is_traced(value: Any) -> bool:
     return isinstance(value, jax.core.Tracer)
 
 
-def _as_float(name: str, value: Any) -> float:
-    if isinstance(value, bool | np.bool_) or isinstance(value, str):
-        raise ValueError(f"{name} must be a real number, got {value!r}.")
-    if isinstance(value, numbers.Real):
-        return float(value)
-    if isinstance(value, jax.Array | np.ndarray) and value.shape == () and (
-        jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)
-    ):
-        return float(value)
-    raise ValueError(f"{name} must be a real number, got {value!r}.")
+def _is_real_scalar_array(value: Any) -> bool:
+    return (
+        isinstance(value, jax.Array | np.ndarray)
+        and value.shape == ()
+        and (jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer))
+    )
 
 
 def check_real(name: str, value: Any) -> Any:
-    """A real number (inf and NaN included) as a float; a traced value as it is."""
-    return value if is_traced(value) else _as_float(name, value)
+    """A real number (inf and NaN included) as a float; a traced value as it is.
+
+    A traced value's number is unknown, but its shape and dtype are not: it must be a real scalar
+    too (a vector of learning rates set in ``state.hyperparams`` is refused here, not broadcast).
+    """
+    if isinstance(value, bool | np.bool_ | str):
+        raise ValueError(f"{name} must be a real number, got {value!r}.")
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if _is_real_scalar_array(value):
+        return value if is_traced(value) else float(value)
+    raise ValueError(f"{name} must be a real number (a scalar), got {value!r}.")
 
 
 def check_finite(name: str, value: Any) -> Any:

@@ -7,7 +7,6 @@ was clipped, how many steps were skipped for non-finite gradients.
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -96,9 +95,7 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
       Pascanu et al., On the difficulty of training Recurrent Neural Networks, 2012,
       https://arxiv.org/abs/1211.5063
     """
-    max_norm = _checks.check_real("max_norm", max_norm)
-    if math.isnan(max_norm) or max_norm <= 0:
-        raise ValueError(f"max_norm must be a number > 0 (inf: record only), got {max_norm!r}.")
+    max_norm = _checks.check_positive_or_inf("max_norm", max_norm, "record only")
 
     def init_fn(params):
         del params
@@ -156,8 +153,14 @@ def clip_by_value(max_abs: float) -> optax.GradientTransformation:
         del state, params
         leaves = jax.tree.leaves(updates)
         clipped = jnp.any(jnp.array([jnp.any(jnp.abs(g) > max_abs) for g in leaves] or [False]))
-        # Python float bounds are weakly typed, so jnp.clip keeps bf16 as bf16.
-        new_updates = jax.tree.map(lambda g: jnp.clip(g, -max_abs, max_abs), updates)
+
+        def clip(g):
+            # In the compute dtype and back: an injected max_abs is a float32 array, which would
+            # otherwise promote a bf16 gradient to float32.
+            compute = g.astype(_compute_dtype(g.dtype))
+            return jnp.clip(compute, -max_abs, max_abs).astype(g.dtype)
+
+        new_updates = jax.tree.map(clip, updates)
         return new_updates, ClipByValueState(clipped=clipped)
 
     return optax.GradientTransformation(init_fn, update_fn)

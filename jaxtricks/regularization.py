@@ -79,11 +79,46 @@ def decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda p: bool(np.ndim(p) >= 2), params)
 
 
+_INJECT_HINT = (
+    " (optax.inject_hyperparams takes a callable for a schedule and calls it with the step: "
+    "list 'mask' in static_args.)"
+)
+
+
+def _check_mask_leaves(mask_tree: Any, what: str) -> None:
+    for leaf in jax.tree.leaves(mask_tree):
+        if not isinstance(leaf, bool | np.bool_):
+            raise ValueError(
+                f"{what} must hold Python or NumPy bools (static, as for optax.masked), got a "
+                f"leaf {leaf!r}." + _INJECT_HINT
+            )
+
+
+def _check_mask(mask: Mask) -> Mask:
+    """None, a callable, or a pytree of static bools; not a bare bool.
+
+    A bare bool is refused because it is what a callable mask turns into when
+    ``optax.inject_hyperparams`` evaluates it as a schedule (``decay_mask(step)`` is ``False``):
+    taking it would silently switch the transform off. ``None`` means every parameter.
+    """
+    if mask is None or callable(mask):
+        return mask
+    if isinstance(mask, bool | np.bool_):
+        raise ValueError(
+            f"mask must be None (every parameter), a callable or a pytree of bools, got the bare "
+            f"bool {mask!r}." + _INJECT_HINT
+        )
+    _check_mask_leaves(mask, "mask")
+    return mask
+
+
 def _full_mask(mask: Mask, params: Any) -> Any:
     """The mask as a pytree of bools with exactly the structure of ``params``."""
     if mask is None:
         return jax.tree.map(lambda _: True, params)
     mask_tree = mask(params) if callable(mask) else mask
+    if callable(mask):
+        _check_mask_leaves(mask_tree, "mask(params)")
     # A mask may be a prefix of params: one bool then covers a whole subtree.
     return jax.tree.map(lambda m, sub: jax.tree.map(lambda _: bool(m), sub), mask_tree, params)
 
@@ -179,6 +214,7 @@ def l1_regularization(
       Tibshirani, Regression Shrinkage and Selection via the Lasso, 1996 (J. R. Stat. Soc. B).
     """
     strength = _checks.check_scalar_or_schedule("strength", strength)
+    mask = _check_mask(mask)
     return _penalty_transform(
         "l1_regularization",
         strength,
@@ -230,6 +266,7 @@ def l2_regularization(
       Krogh & Hertz, A Simple Weight Decay Can Improve Generalization, 1991 (NeurIPS).
     """
     strength = _checks.check_scalar_or_schedule("strength", strength)
+    mask = _check_mask(mask)
     return _penalty_transform(
         "l2_regularization",
         strength,
@@ -276,6 +313,7 @@ def weight_decay(rate: Any, *, mask: Mask = None) -> optax.GradientTransformatio
       https://arxiv.org/abs/1711.05101
     """
     rate = _checks.check_scalar_or_schedule("rate", rate)
+    mask = _check_mask(mask)
 
     def init_fn(params):
         del params
