@@ -111,11 +111,11 @@ def check_schedule(name: str, value: Any) -> Callable:
     return value
 
 
-def check_scalar_or_schedule(name: str, value: Any, *, positive: bool = False) -> Any:
-    """A schedule is returned as is; a number must be finite and >= 0 (> 0 when positive)."""
+def check_scalar_or_schedule(name: str, value: Any) -> Any:
+    """A schedule is returned as is; a number must be finite and >= 0."""
     if callable(value):
         return value
-    return check_positive(name, value) if positive else check_nonnegative(name, value)
+    return check_nonnegative(name, value)
 
 
 def value_at(value: Any, count: jax.Array) -> jax.Array:

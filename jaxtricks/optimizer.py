@@ -15,7 +15,8 @@ The chain built by :func:`make_optimizer`, in order:
 6. ``scale_by_learning_rate(learning_rate)``: multiplies by ``-lr`` and records the lr it used.
 
 The whole chain is wrapped in ``skip_nonfinite`` when asked. A trick set to 0 or None is left out
-of the chain (except the norm recorder of step 1).
+of the chain (except the norm recorder of step 1); a trick given as an array (as
+``optax.inject_hyperparams`` gives every number) stays in, since its value may change later.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def scale_by_learning_rate(learning_rate: Any) -> optax.GradientTransformation:
     rate the first update will use), so a trainer logs it without evaluating the schedule again.
 
     Args:
-      learning_rate: a number > 0 or a schedule ``step -> value``.
+      learning_rate: a number >= 0 or a schedule ``step -> value`` (0 is allowed, as in PyTorch's
+        optimizers: a warmup injected by ``optax.inject_hyperparams`` starts there).
 
     Returns:
       An ``optax.GradientTransformation`` whose state is :class:`LearningRateState`.
@@ -65,7 +67,7 @@ def scale_by_learning_rate(learning_rate: Any) -> optax.GradientTransformation:
       >>> updates.tolist(), float(state.learning_rate), int(state.count)
       ([-1.0], 0.5, 3)
     """
-    learning_rate = _checks.check_scalar_or_schedule("learning_rate", learning_rate, positive=True)
+    learning_rate = _checks.check_scalar_or_schedule("learning_rate", learning_rate)
 
     def init_fn(params):
         del params
@@ -116,9 +118,14 @@ def make_optimizer(
     ``weight_decay=0`` is exactly Adam; ``weight_decay`` applies with every name (with sgd it is
     the same as ``l2 = weight_decay / 2``).
 
+    Under ``optax.inject_hyperparams`` every number arrives as an array, so l1, l2 and
+    weight_decay stay in the chain even at 0 (they can be switched on later by setting
+    ``state.hyperparams``, and ``update`` needs ``params``); list ``name`` and a callable ``mask``
+    in ``static_args``, or the wrapper takes the mask for a schedule.
+
     Args:
       name: one of ``sgd``, ``momentum``, ``adam``, ``adamw``.
-      learning_rate: a number > 0 or a schedule (e.g. from :func:`jaxtricks.linear_warmup`).
+      learning_rate: a number >= 0 or a schedule (e.g. from :func:`jaxtricks.linear_warmup`).
       momentum: ``0 <= momentum < 1``, used by ``name="momentum"``.
       b1: Adam's first-moment decay, ``0 <= b1 < 1``.
       b2: Adam's second-moment decay, ``0 <= b2 < 1``.
@@ -160,7 +167,7 @@ def make_optimizer(
     """
     if name not in OPTIMIZER_NAMES:
         raise ValueError(f"name must be one of {', '.join(OPTIMIZER_NAMES)}, got {name!r}.")
-    learning_rate = _checks.check_scalar_or_schedule("learning_rate", learning_rate, positive=True)
+    learning_rate = _checks.check_scalar_or_schedule("learning_rate", learning_rate)
     momentum = _checks.check_unit_interval("momentum", momentum)
     b1 = _checks.check_unit_interval("b1", b1)
     b2 = _checks.check_unit_interval("b2", b2)

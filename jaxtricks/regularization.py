@@ -14,7 +14,8 @@ of optax's chain on a GPT-2-small tree (BENCHMARKS.md). Off, ``penalty`` is None
 ``mask`` follows optax's convention: ``None`` (every parameter), a pytree of bools with the
 structure of the params (or a prefix of it), or a callable ``params -> such a pytree``. The bools
 must be static (Python or NumPy bools), as for ``optax.masked``. :func:`decay_mask` is the usual
-choice: matrices and embeddings only.
+choice: matrices and embeddings only. Under ``optax.inject_hyperparams``, list a callable mask in
+``static_args``: the wrapper takes every callable for a schedule and would call it with the step.
 """
 
 from __future__ import annotations

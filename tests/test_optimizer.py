@@ -354,7 +354,7 @@ def test_bf16_parameters_and_gradients_stay_bf16(name):
 @pytest.mark.parametrize(
     "kwargs, argument, value",
     [(dict(name="rmsprop"), "name", "'rmsprop'"),
-     (dict(learning_rate=0.0), "learning_rate", "0.0"),
+     (dict(learning_rate=-0.1), "learning_rate", "-0.1"),
      (dict(learning_rate=float("nan")), "learning_rate", "nan"),
      (dict(momentum=1.0), "momentum", "1.0"),
      (dict(b1=-0.1), "b1", "-0.1"),
