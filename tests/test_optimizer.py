@@ -348,6 +348,41 @@ def test_bf16_parameters_and_gradients_stay_bf16(name):
     assert jaxtricks.optimizer_stats(state)["grad_norm"].dtype == jnp.float32
 
 
+def test_adamw_keeps_bf16_gradients_bf16_and_matches_a_float32_computation():
+    """bf16 params and gradients give bf16 updates, equal to numpy Adam in float32 (Kingma & Ba,
+    algorithm 1, then clip / L2 / decoupled decay as documented) to bf16 precision."""
+    rng = np.random.default_rng(0)
+    shapes = {"w": (8, 4), "b": (4,)}
+    params = {k: jnp.asarray(rng.normal(size=s), jnp.bfloat16) for k, s in shapes.items()}
+    grads = [{k: jnp.asarray(rng.normal(size=s), jnp.bfloat16) for k, s in shapes.items()}
+             for _ in range(3)]
+    lr, b1, b2, eps, clip_norm, l2, wd = 0.01, 0.9, 0.999, 1e-8, 2.0, 0.01, 0.1
+    tx = jaxtricks.make_optimizer(name="adamw", learning_rate=lr, b1=b1, b2=b2, eps=eps,
+                                  clip_norm=clip_norm, l2=l2, weight_decay=wd)
+    update = jax.jit(tx.update)
+    state = tx.init(params)
+
+    w = {k: np.asarray(v, np.float32) for k, v in params.items()}  # bf16 -> f32 is exact
+    m = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
+    v = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
+    for t, g_bf16 in enumerate(grads, start=1):
+        updates, state = update(g_bf16, state, params)
+        assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(updates))
+
+        g = {k: np.asarray(x, np.float32) for k, x in g_bf16.items()}
+        norm = np.sqrt(sum(np.sum(x**2) for x in g.values()))
+        assert norm > clip_norm  # the clip is exercised
+        for k in shapes:
+            gk = g[k] * min(1.0, clip_norm / norm) + 2 * l2 * w[k]
+            m[k] = b1 * m[k] + (1 - b1) * gk
+            v[k] = b2 * v[k] + (1 - b2) * gk**2
+            m_hat, v_hat = m[k] / (1 - b1**t), v[k] / (1 - b2**t)
+            want = -lr * (m_hat / (np.sqrt(v_hat) + eps) + wd * w[k])
+            # bf16 keeps 8 significant bits (relative step 2**-8); the moments are bf16 too.
+            np.testing.assert_allclose(np.asarray(updates[k], np.float32), want,
+                                       rtol=3e-2, atol=lr * 2e-2)
+
+
 # --------------------------------------------------------------------------- bad arguments
 
 
