@@ -71,7 +71,7 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     .. math::
         g_i \leftarrow \frac{g_i}{\max\left(1, \|g\|_2 / c\right)}
 
-    exactly the source document's formula (PyTorch's ``clip_grad_norm_`` divides by
+    the same formula as ``optax.clip_by_global_norm`` (PyTorch's ``clip_grad_norm_`` divides by
     ``norm + 1e-6`` instead of ``norm``, a relative difference below ``1e-6 / c``). A zero gradient
     passes unchanged. ``max_norm=inf`` never clips but still records the norm: that is what
     :func:`jaxtricks.make_optimizer` puts at the front of the chain when clipping is off, so
@@ -94,6 +94,9 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     References:
       Pascanu et al., On the difficulty of training Recurrent Neural Networks, 2012,
       https://arxiv.org/abs/1211.5063
+
+      PyTorch's ``torch.nn.utils.clip_grad_norm_``,
+      https://pytorch.org/docs/stable/generated/torch.nn.utils.clip_grad_norm_.html
     """
     max_norm = _checks.check_positive_or_inf("max_norm", max_norm, "record only")
 
@@ -107,9 +110,8 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
         del state, params
         norm = global_norm(updates)
         # One scalar factor, then a multiply per element: XLA fuses that cheap multiply into
-        # each consumer (Adam's two moments); a divide per element it wrote out as a temporary
-        # the size of the gradient (475 MiB per update for GPT-2 small, BENCHMARKS.md). The
-        # two differ by float rounding only.
+        # each consumer (Adam's two moments), where a divide per element was written out as a
+        # temporary the size of the gradient. The two differ by float rounding only.
         factor = 1.0 / jnp.maximum(1.0, norm / max_norm)  # norm 0 -> 1; max_norm inf -> 1
 
         def clip(g):
@@ -127,6 +129,8 @@ def clip_by_value(max_abs: float) -> optax.GradientTransformation:
     .. math::
         g_i \leftarrow \min(\max(g_i, -c), c)
 
+    As PyTorch's ``torch.nn.utils.clip_grad_value_``.
+
     Args:
       max_abs: :math:`c > 0` (finite).
 
@@ -142,6 +146,9 @@ def clip_by_value(max_abs: float) -> optax.GradientTransformation:
 
     References:
       Mikolov, Statistical Language Models Based on Neural Networks, 2012 (PhD thesis, Brno).
+
+      PyTorch's ``torch.nn.utils.clip_grad_value_``,
+      https://pytorch.org/docs/stable/generated/torch.nn.utils.clip_grad_value_.html
     """
     max_abs = _checks.check_positive("max_abs", max_abs)
 
@@ -228,7 +235,7 @@ def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransfo
             return zeros, state.inner_state
 
         # A branch, not jnp.where over every leaf: selecting between the old and new state made
-        # XLA copy the parameters and both Adam moments each step (BENCHMARKS.md, Transforms).
+        # XLA copy the parameters and both Adam moments each step.
         # The update is the true branch: the other order inserted copies too.
         new_updates, kept_inner = jax.lax.cond(jnp.logical_not(skip), apply, reject, None)
         new_state = SkipNonfiniteState(

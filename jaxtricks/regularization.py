@@ -8,8 +8,8 @@ Each transform records, in its state, what a trainer logs: the step count and, f
 ``record_penalty=True``, the value of the penalty at the parameters of the last update, so nothing
 has to walk the tree a second time. Recording is off by default because it costs a pass over the
 parameters per update and, with donated parameters, a copy of each of them (XLA cannot overwrite a
-parameter in place while a reduction that feeds only the state still reads it): 1.2x-1.3x the cost
-of optax's chain on a GPT-2-small tree (BENCHMARKS.md). Off, ``penalty`` is None.
+parameter in place while a reduction that feeds only the state still reads it). Off, ``penalty``
+is None.
 
 ``mask`` follows optax's convention: ``None`` (every parameter), a pytree of bools with the
 structure of the params (or a prefix of it), or a callable ``params -> such a pytree``. The bools
@@ -210,8 +210,6 @@ def l1_regularization(
       ([0.5, -0.5], 2.5)
 
     References:
-      The source document (training-tricks.zh.md), section 3.2.1.
-
       Tibshirani, Regression Shrinkage and Selection via the Lasso, 1996 (J. R. Stat. Soc. B).
     """
     strength = _checks.check_scalar_or_schedule("strength", strength)
@@ -235,7 +233,7 @@ def l2_regularization(
     .. math::
         u \leftarrow u + 2 \lambda w, \qquad \text{penalty} = \lambda \sum_i w_i^2
 
-    This is the source document's formula (no 1/2 in the penalty), so PyTorch's
+    The penalty has no factor 1/2, so PyTorch's
     ``SGD(params, lr, weight_decay=wd)``, which adds ``wd * w`` to the gradient, equals
     ``l2_regularization(wd / 2)`` placed after clipping and before the learning rate. Put it before
     the optimizer's scaling. With ``record_penalty=True`` the penalty at the parameters passed to
@@ -262,9 +260,10 @@ def l2_regularization(
       ([2.0, -3.0], 6.5)
 
     References:
-      The source document (training-tricks.zh.md), sections 3.2.2 and 4.2.
-
       Krogh & Hertz, A Simple Weight Decay Can Improve Generalization, 1991 (NeurIPS).
+
+      PyTorch's ``torch.optim.SGD`` (``weight_decay``),
+      https://pytorch.org/docs/stable/generated/torch.optim.SGD.html
     """
     strength = _checks.check_scalar_or_schedule("strength", strength)
     mask = _check_mask(mask)

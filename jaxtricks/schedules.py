@@ -7,8 +7,9 @@ under ``jax.jit``, on arrays of steps (handy for plotting), and for giant intege
 
 Step convention (optax's): a schedule is evaluated at the update count *before* the update, so the
 first update uses ``schedule(0)``, the second ``schedule(1)``, and so on. PyTorch loops that call
-``scheduler.step()`` before each epoch's training (as the source document's loop does) use index
-``e + 1`` in epoch ``e``; see the README's migration table.
+``scheduler.step()`` before each epoch's training use index ``e + 1`` in epoch ``e`` (PyTorch's
+documentation, "How to adjust learning rate": https://pytorch.org/docs/stable/optim.html); see the
+README's migration table.
 
 Compound schedules are joins of simple ones: a later piece sees the step counted from its boundary.
 """
@@ -70,7 +71,7 @@ def exponential_decay(
     transition_begin: int = 0,
     end_value: float | None = None,
 ) -> Schedule:
-    r"""Exponential decay in continuous form, ``lr = lr_init * exp(-k t)`` (source section 3.1.1).
+    r"""Exponential decay in continuous form, ``lr = lr_init * exp(-k t)``.
 
     .. math::
         \eta_t = \eta_0 \, e^{-k \max(t - t_0, 0)}, \quad
@@ -100,7 +101,11 @@ def exponential_decay(
       0.03
 
     References:
-      The source document (training-tricks.zh.md), section 3.1.1 and its ``ExponentialLR`` snippet.
+      PyTorch's ``torch.optim.lr_scheduler.ExponentialLR``,
+      https://pytorch.org/docs/stable/generated/torch.optim.lr_scheduler.ExponentialLR.html
+
+      Optax's ``optax.exponential_decay``,
+      https://optax.readthedocs.io/en/latest/api/optimizer_schedules.html
     """
     init_value = _checks.check_finite("init_value", init_value)
     rate = _checks.check_nonnegative("rate", rate)
@@ -137,7 +142,7 @@ def polynomial_decay(
         \eta_t = \eta_{end} + (\eta_0 - \eta_{end})
                  \left(1 - \frac{\min(t', T)}{T}\right)^{p}, \quad t' = \max(t - t_0, 0)
 
-    With ``end_value=0`` this is the source's ``lr_init * (1 - t / T) ** p``; ``power=1`` is a
+    With ``end_value=0`` this is the "poly" policy ``lr_init * (1 - t / T) ** p``; ``power=1`` is a
     linear decay. The first update uses step 0; the value reaches ``end_value`` at step
     ``transition_begin + decay_steps`` and stays there.
 
@@ -158,7 +163,12 @@ def polynomial_decay(
       [1.0, 0.5625, 0.25, 0.0625, 0.0, 0.0]
 
     References:
-      The source document (training-tricks.zh.md), section 3.1.1.
+      Chen et al., DeepLab: Semantic Image Segmentation with Deep Convolutional Nets, Atrous
+      Convolution, and Fully Connected CRFs, 2016, https://arxiv.org/abs/1606.00915 (the "poly"
+      policy).
+
+      PyTorch's ``torch.optim.lr_scheduler.PolynomialLR``,
+      https://pytorch.org/docs/stable/generated/torch.optim.lr_scheduler.PolynomialLR.html
     """
     init_value = _checks.check_finite("init_value", init_value)
     decay_steps = _checks.check_steps("decay_steps", decay_steps, 1)
@@ -360,7 +370,7 @@ def warmup_then(warmup_steps: int, schedule: Schedule, *, init_value: float = 0.
           s(t - W) & t \ge W
         \end{cases}
 
-    The source document's recipe (10 warmup epochs to 0.1, then exponential decay) is
+    A warmup of 10 epochs to 0.1 followed by an exponential decay is
     ``warmup_then(10, exponential_decay(0.1, rate=k))``. ``warmup_steps=0`` means no warmup:
     ``schedule`` itself is returned (as float32). The first update uses step 0, i.e. ``init_value``.
 

@@ -21,7 +21,7 @@ def tree(scale=1.0, dtype=jnp.float32):
 
 
 def numpy_clip(grads, max_norm):
-    """The source's formula, g / max(1, ||g|| / c), in float64."""
+    """Pascanu et al.'s formula, g / max(1, ||g|| / c), in float64."""
     leaves = [np.asarray(g, np.float64) for g in jax.tree.leaves(grads)]
     norm = math.sqrt(sum(float(np.sum(g**2)) for g in leaves))
     return [g / max(1.0, norm / max_norm) for g in leaves], norm
@@ -73,7 +73,7 @@ def test_clipped_gradient_is_not_written_out():
     """Clip then Adam, jitted with donated parameters and state: XLA fuses the clip into the
     moments' update and needs no temporary the size of the gradient. Dividing each element by
     the norm (the formula as written) made XLA write the clipped gradient out: a 4 MiB
-    temporary for this tree, 475 MiB per update for GPT-2 small (BENCHMARKS.md)."""
+    temporary for this tree."""
     params = {"w": jnp.ones((1024, 1024)), "b": jnp.ones((1024,))}
     tx = optax.chain(jaxtricks.clip_by_global_norm(1.0), optax.adam(1e-3))
 

@@ -219,8 +219,8 @@ def test_warmup_then_zero_warmup_is_the_schedule_itself():
                 jaxtricks.polynomial_decay(1.0, 10, transition_begin=5), rtol=0)
 
 
-def test_source_recipe_reads_as_documented():
-    """The source's recipe: 10 warmup steps up to 0.1, then lr * exp(-k t) counted from there."""
+def test_warmup_then_exponential_decay_recipe():
+    """10 warmup steps up to 0.1, then lr * exp(-k t) counted from there (warmup_then's recipe)."""
     recipe = jaxtricks.warmup_then(10, jaxtricks.exponential_decay(0.1, rate=-math.log(0.99)))
     values = evaluate(recipe, range(30))
     np.testing.assert_allclose(values[:11], 0.01 * np.arange(11), rtol=1e-6, atol=1e-8)
