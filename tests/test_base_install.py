@@ -92,7 +92,7 @@ def run_script(script: str) -> dict:
     return json.loads(lines[0].removeprefix("RESULTS "))
 
 
-@pytest.mark.slow  # a fresh interpreter, then 200 jitted steps: about 10 s on 2 cores
+@pytest.mark.slow  # a fresh interpreter that imports jax, then 200 jitted steps
 def test_readme_example_runs_without_the_trainer_dependencies():
     results = run_script(README_EXAMPLE)
     print(results)  # which optional imports jax / optax tried, for the log

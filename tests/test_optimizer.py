@@ -1,4 +1,4 @@
-"""make_optimizer, optimizer_stats and the config builders: the source's PyTorch recipe, optax."""
+"""make_optimizer, optimizer_stats and the config builders: a PyTorch recipe, optax, numpy."""
 
 import dataclasses
 import doctest
@@ -15,8 +15,9 @@ from jaxtricks import optimizer
 from jaxtricks.lm import config as config_lib
 from jaxtricks.lm.config import OptimizerConfig
 
-# --------------------------------------------------------------------------- the source's recipe
-# Sections 4.1-4.3 of the source document, as one PyTorch loop (one "epoch" = one update here):
+# --------------------------------------------------------------------------- a PyTorch recipe
+# Warmup, exponential decay, SGD with weight decay and clipping, as one PyTorch loop (one "epoch"
+# = one update here):
 #
 #   optimizer = SGD(model.parameters(), lr=0.1, weight_decay=1e-4)
 #   lr_decay_scheduler = ExponentialLR(optimizer, gamma=0.99)
