@@ -121,7 +121,10 @@ def make_optimizer(
     Under ``optax.inject_hyperparams`` every number arrives as an array, so l1, l2 and
     weight_decay stay in the chain even at 0 (they can be switched on later by setting
     ``state.hyperparams``, and ``update`` needs ``params``); list ``name`` and a callable ``mask``
-    in ``static_args``, or the wrapper takes the mask for a schedule.
+    in ``static_args``, or the wrapper takes the mask for a schedule. With bf16 parameters pass
+    ``hyperparam_dtype=jnp.float32``: by default the wrapper stores the hyperparameters in the
+    parameters' dtype, where ``b2=0.999`` rounds to 1 (refused). The updates keep the gradients'
+    dtype either way.
 
     Args:
       name: one of ``sgd``, ``momentum``, ``adam``, ``adamw``.
@@ -197,7 +200,24 @@ def make_optimizer(
     parts.append(scale_by_learning_rate(learning_rate))
 
     chain = optax.chain(*parts)
-    return clipping.skip_nonfinite(chain) if skip_nonfinite else chain
+    return _keep_dtypes(clipping.skip_nonfinite(chain) if skip_nonfinite else chain)
+
+
+def _keep_dtypes(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """``inner`` with each update cast back to its gradient's dtype.
+
+    With Python-number hyperparameters the chain keeps bf16 by itself (weak types); under
+    ``optax.inject_hyperparams(..., hyperparam_dtype=jnp.float32)`` the float32 arrays promote
+    Adam's and momentum's arithmetic, and the updates would come out float32. The state is inner's.
+    """
+    inner = optax.with_extra_args_support(inner)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        new_updates, new_state = inner.update(updates, state, params, **extra_args)
+        new_updates = jax.tree.map(lambda u, g: u.astype(g.dtype), new_updates, updates)
+        return new_updates, new_state
+
+    return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
 
 # --------------------------------------------------------------------------- logging

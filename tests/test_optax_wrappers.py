@@ -255,6 +255,28 @@ def test_inject_make_optimizer_with_static_mask_leaves_the_bias_alone():
     assert_tree_close(updates, {"w": -0.5 * PARAMS["w"], "b": np.zeros(2, np.float32)})
 
 
+def test_inject_make_optimizer_with_bf16_parameters():
+    """bf16 gradients give bf16 updates with float32 hyperparameters too (Adam's arithmetic in
+    float32 would otherwise promote them); the first Adam update is -lr * g / (|g| + eps)."""
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), PARAMS)
+    grads = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), GRADS)
+    factory = optax.inject_hyperparams(jaxtricks.make_optimizer, static_args=("name",),
+                                       hyperparam_dtype=jnp.float32)
+    tx = factory(name="adamw", learning_rate=0.1, weight_decay=0.1)
+    update = jax.jit(tx.update)
+    updates, _ = update(grads, tx.init(params), params)
+    assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(updates))
+    g = jax.tree.map(lambda x: np.asarray(x, np.float32), grads)
+    w = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+    want = {k: -0.1 * (g[k] / (np.abs(g[k]) + 1e-8) + 0.1 * w[k]) for k in g}
+    assert_tree_close(jax.tree.map(lambda x: np.asarray(x, np.float32), updates), want,
+                      rtol=1e-2, atol=1e-3)
+    # In the parameters' dtype (the wrapper's default), b2 = 0.999 rounds to 1: refused, named.
+    bf16_factory = optax.inject_hyperparams(jaxtricks.make_optimizer, static_args=("name",))
+    with pytest.raises(ValueError, match=r"^b2 must satisfy 0 <= b2 < 1"):
+        bf16_factory(name="adamw").init(params)
+
+
 # --------------------------------------------------------------------------- bad values
 
 
