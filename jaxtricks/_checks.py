@@ -1,9 +1,11 @@
 """Argument checks shared by the schedules and transforms; each message names argument and value.
 
-A hyperparameter is a Python number, a concrete scalar array (checked and returned as a float), or
-a traced value, which cannot be checked and is returned as it is. Traced values arrive when
-``optax.inject_hyperparams`` calls a factory inside a jitted ``update``; they were checked as
-concrete arrays when it called the factory in ``init``, so letting them through loses nothing.
+A hyperparameter is a Python number or a concrete scalar array (checked and returned as a float),
+or a traced value: its shape and dtype are checked (a real scalar), its number cannot be, and it is
+returned as it is. Traced values arrive when ``optax.inject_hyperparams`` calls a factory inside a
+jitted ``update``. The values it started with were checked as concrete arrays when it called the
+factory in ``init``; a value set later in ``state.hyperparams`` is checked by an eager ``update``
+only, so under ``jit`` a bad number goes through as it would in optax's own transforms.
 """
 
 from __future__ import annotations
