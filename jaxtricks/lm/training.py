@@ -1,6 +1,10 @@
 """The training loop: config -> (data, model, optimizer) -> step -> metrics and checkpoints.
 
-Read :func:`run` from top to bottom: it is the whole of training.
+Read :func:`run` from top to bottom: it is the whole of training. What the loop does besides
+stepping has a helper each, called at its own frequency: :class:`TrainLog` (every
+``train.log_every`` steps), :func:`evaluate_and_log` (every ``train.eval_every``),
+``Checkpoints.save`` (every ``train.checkpoint_every``, at the end and on SIGTERM / SIGINT),
+:class:`NonFiniteGuard` (every step).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from jaxtricks.lm.checkpoint import CheckpointError, Checkpoints
 from jaxtricks.lm.config import optimizer_from_config
 from jaxtricks.lm.cpu import use_cpu_devices
 from jaxtricks.lm.model import Transformer, count_params, flops_per_token
-from jaxtricks.lm.step import TrainState, make_steps, unreplicate_metrics
+from jaxtricks.lm.step import Steps, TrainState, make_steps, unreplicate_metrics
 
 # Dense bf16 peak FLOP/s per chip, for MFU. Matched as a substring of jax's device_kind.
 PEAK_FLOPS = {
@@ -143,6 +147,161 @@ def preflight(config: config_lib.Config, workdir: Path) -> None:
         raise config_lib.ConfigError(f"workdir {str(workdir)!r} is not writable.")
 
 
+# --------------------------------------------------------------------------- the loop
+
+
+def run(config: config_lib.Config, workdir: str | Path) -> dict[str, Any]:
+    """Train (or resume) a run in ``workdir``; return the last step's metrics and evaluation.
+
+    Raises:
+      ConfigError, DataError, CheckpointError: bad input, refused before anything is compiled or
+        written.
+      TrainingStopped: ``train.max_consecutive_skips`` non-finite steps in a row.
+    """
+    workdir, tc = Path(workdir), config.train
+
+    # Bad input is refused here, before anything is compiled or written.
+    preflight(config, workdir)
+
+    # Workdir and checkpoint: a workdir with a checkpoint resumes from the newest one.
+    checkpoints = Checkpoints(workdir, keep=tc.keep_checkpoints)
+    resume_from = checkpoints.latest_step()
+    if resume_from is not None:
+        for change in check_resumable(read_saved_config(checkpoints, resume_from), config):
+            print(f"resuming with a changed config: {change}")
+
+    # Model and optimizer.
+    model, graphdef, rest, optimizer, state = init(config)
+
+    # Step: one jitted function (pmapped over several local devices), the state donated.
+    steps = make_steps(graphdef, rest, optimizer, config.parallelism,
+                       microbatches=tc.microbatches, unroll_microbatches=tc.unroll_microbatches)
+    rng = jax.random.key(tc.seed)  # the step folds in the step number (and the device)
+
+    # Data: each process reads its own shard.
+    per_process_batch = tc.batch_size // jax.process_count()
+    train_iter = data_lib.train_iterator(config.data, batch_size=per_process_batch, seed=tc.seed)
+    eval_set = data_lib.eval_batches(config.data, batch_size=per_process_batch,
+                                     num_batches=tc.eval_batches)
+
+    # Resume: the checkpoint's state and data position. Only now is anything written.
+    start = 0
+    if resume_from is not None:
+        start, state, data_state, _ = checkpoints.restore(state)
+        train_iter.set_state(data_state)
+        print(f"resumed from {checkpoints.directory / str(start)} at step {start}")
+    state = steps.put_state(state)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(json.dumps(config_lib.to_dict(config), indent=2) + "\n")
+    flops = flops_per_token(config.model, config.data.seq_len)
+    device = jax.local_devices()[0]
+    print(f"model: {count_params(model) / 1e6:.2f}M parameters, {flops / 1e6:.1f} MFLOPs per "
+          f"token; {steps.num_devices} x {device.device_kind} "
+          f"({'pmap' if steps.num_devices > 1 else 'jit'})")
+
+    # What the loop does besides stepping, each at its own frequency.
+    progress = Progress(tc.steps, start)
+    train_log = TrainLog(
+        MetricsLog(workdir, start), progress, every=tc.log_every, last_step=tc.steps,
+        throughput=Throughput(start, tokens_per_step=tc.batch_size * config.data.seq_len,
+                              flops_per_token=flops, peak_flops=total_peak_flops(steps)),
+    )
+    nonfinite = NonFiniteGuard(tc.max_consecutive_skips, checkpoints.directory)
+    latest: dict[str, Any] = {"step": start}  # what run returns
+
+    # The loop. A step's metrics are read only once the next step is dispatched, so the host never
+    # waits for the device.
+    pending = None
+    try:
+        with StopRequest() as stop:  # SIGTERM / SIGINT: save a checkpoint after this step, leave
+            for step in range(start + 1, tc.steps + 1):
+                batch = steps.put_batch(next(train_iter))
+                state, metrics = steps.train(state, batch, rng)
+                if pending is not None:
+                    latest.update(finish_step(*pending, steps, train_log, nonfinite))
+                pending = (step, metrics)
+                progress.advance()
+                if is_due(step, tc.eval_every, tc.steps):
+                    latest.update(evaluate_and_log(steps, state.params, eval_set, step, train_log))
+                if is_due(step, tc.checkpoint_every, tc.steps) or stop.requested:
+                    checkpoints.save(step, steps.get_state(state), train_iter.get_state(),
+                                     config_lib.to_dict(config))
+                if stop.requested:
+                    print(f"received {stop.signal_name}: saved a checkpoint at step {step} in "
+                          f"{checkpoints.directory}; run the same command again to resume.")
+                    break
+            if pending is not None:
+                latest.update(finish_step(*pending, steps, train_log, nonfinite))
+    finally:
+        train_log.close()
+        checkpoints.close()
+        if hasattr(train_iter, "close"):  # grain worker processes, when data.num_workers > 0
+            train_iter.close()
+
+    # The end: the report, and a sample unless a signal cut the run short.
+    from jaxtricks.lm.plots import write_report  # matplotlib: imported only when needed
+
+    print(f"report: {write_report(workdir)}")
+    if not stop.requested and tc.sample_tokens > 0:
+        final_model = nnx.merge(graphdef, steps.get_state(state).params, rest)
+        print("sample:\n" + sample_text(final_model, tc.sample_prompt, tc.sample_tokens, tc.seed))
+    return latest
+
+
+# --------------------------------------------------------------------------- the loop's helpers
+
+
+def is_due(step: int, every: int, last_step: int) -> bool:
+    """Whether an action of every ``every`` steps runs after ``step``: multiples, and the last."""
+    return step % every == 0 or step == last_step
+
+
+def finish_step(step: int, device_metrics: dict[str, jax.Array], steps: Steps,
+                train_log: TrainLog, nonfinite: NonFiniteGuard) -> dict[str, float]:
+    """A step's metrics, read once the next step is queued: logged, then checked for a streak of
+    non-finite steps (which raises :class:`TrainingStopped`)."""
+    metrics = unreplicate_metrics(device_metrics, steps)
+    train_log.record(step, metrics)
+    nonfinite.check(step, metrics)
+    return {"step": step, **metrics}
+
+
+def read_saved_config(checkpoints: Checkpoints, step: int) -> dict:
+    """The config a checkpoint was made with; CheckpointError when it is not one of ours."""
+    try:
+        return checkpoints.read_config(step)
+    except Exception as e:  # Orbax raises many kinds; any of them means not a jaxtricks checkpoint
+        raise CheckpointError(
+            f"{checkpoints.directory / str(step)} is not a jaxtricks checkpoint "
+            f"({str(e).splitlines()[0][:120]}); move it away or pass another --workdir."
+        ) from None
+
+
+def total_peak_flops(steps: Steps) -> float | None:
+    """The peak FLOP/s of all the devices the step runs on, or None when the chip is unknown."""
+    peak = peak_flops(jax.local_devices()[0])
+    return None if peak is None else peak * steps.num_devices
+
+
+def evaluate(steps: Steps, params: Any, eval_set: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    """Mean validation loss over the fixed evaluation batches, in nats and in bits per byte."""
+    losses = [float(steps.eval(params, steps.put_batch(batch)).mean()) for batch in eval_set]
+    val_loss = float(np.mean(losses))
+    # Byte-level tokens: one token per byte (the end-of-document token counted as one).
+    return {"val_loss": val_loss, "val_bits_per_byte": val_loss / math.log(2)}
+
+
+def evaluate_and_log(steps: Steps, params: Any, eval_set: list[dict[str, np.ndarray]], step: int,
+                     train_log: TrainLog) -> dict[str, float]:
+    """:func:`evaluate` after ``step``, written to the metrics and shown; the loop calls it every
+    ``train.eval_every`` steps and after the last."""
+    results = evaluate(steps, params, eval_set)
+    train_log.metrics.write(step, results)
+    train_log.progress.write(f"step {step}: val_loss {results['val_loss']:.4f}, "
+                             f"{results['val_bits_per_byte']:.3f} bits/byte")
+    return results
+
+
 class MetricsLog:
     """``metrics.jsonl`` (one JSON object per logged step) and TensorBoard event files."""
 
@@ -171,165 +330,147 @@ class MetricsLog:
         self._tb.close()
 
 
-class _StopRequest:
-    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (it then saves, exits)."""
+class Progress:
+    """A tqdm bar on a terminal; elsewhere (a log file, CI) one plain line per logged step."""
+
+    def __init__(self, total_steps: int, start: int):
+        from tqdm import tqdm
+
+        self.total_steps = total_steps
+        self.bar = tqdm(total=total_steps, initial=start, unit="step", dynamic_ncols=True,
+                        disable=None if sys.stderr.isatty() else True)
+
+    def advance(self) -> None:
+        self.bar.update(1)
+
+    def show(self, step: int, metrics: dict[str, float]) -> None:
+        shown = {"loss": f"{metrics['loss']:.3f}", "lr": f"{metrics['learning_rate']:.2e}"}
+        if "tokens_per_s" in metrics:
+            shown["tok_s"] = f"{metrics['tokens_per_s']:,.0f}"
+        if self.bar.disable:
+            print(f"step {step}/{self.total_steps}: "
+                  + ", ".join(f"{k} {v}" for k, v in shown.items()))
+        else:
+            self.bar.set_postfix(shown)
+
+    def write(self, line: str) -> None:
+        self.bar.write(line)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class Throughput:
+    r"""Tokens, FLOPs and MFU per second between two log rows.
+
+    .. math::
+        \text{tokens\_per\_s} = \frac{B \, T \, \Delta\text{steps}}{\Delta t}, \quad
+        \text{flops\_per\_s} = \text{tokens\_per\_s} \cdot \text{flops\_per\_token}, \quad
+        \text{mfu} = \frac{\text{flops\_per\_s}}{\text{peak\_flops}}
+
+    The clock starts after the run's first step (whose time is mostly compilation) and restarts
+    at every ``train.log_every`` step. ``mfu`` is left out when the peak is unknown (CPU).
+    """
+
+    def __init__(self, start: int, *, tokens_per_step: int, flops_per_token: float,
+                 peak_flops: float | None, clock: Any = time.perf_counter):
+        self.first_step = start + 1
+        self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+        self.peak_flops, self._clock = peak_flops, clock
+        self._since_step, self._since = start, clock()
+
+    def measure(self, step: int) -> dict[str, float]:
+        """The rates from the last restart to the end of ``step``; none for the first step."""
+        if step <= self.first_step:
+            return {}
+        tokens_per_s = self.tokens_per_step * (step - self._since_step) / (
+            self._clock() - self._since)
+        rates = {"tokens_per_s": tokens_per_s,
+                 "flops_per_s": tokens_per_s * self.flops_per_token}
+        if self.peak_flops is not None:
+            rates["mfu"] = rates["flops_per_s"] / self.peak_flops
+        return rates
+
+    def restart(self, step: int) -> None:
+        self._since_step, self._since = step, self._clock()
+
+
+class TrainLog:
+    """Writes a step's metrics every ``every`` steps, at every skipped step and at the last."""
+
+    def __init__(self, metrics: MetricsLog, progress: Progress, *, every: int, last_step: int,
+                 throughput: Throughput):
+        self.metrics, self.progress, self.throughput = metrics, progress, throughput
+        self.every, self.last_step = every, last_step
+
+    def record(self, step: int, metrics: dict[str, float]) -> None:
+        if is_due(step, self.every, self.last_step) or metrics["skipped_step"]:
+            row = {**metrics, **self.throughput.measure(step)}
+            self.metrics.write(step, row)
+            self.progress.show(step, row)
+        if step == self.throughput.first_step or step % self.every == 0:
+            self.throughput.restart(step)
+
+    def close(self) -> None:
+        self.progress.close()
+        self.metrics.close()
+
+
+class NonFiniteGuard:
+    """Stops the run after ``max_in_a_row`` skipped (non-finite) steps in a row, checked every
+    step."""
+
+    def __init__(self, max_in_a_row: int, checkpoint_dir: Path):
+        self.max_in_a_row, self.checkpoint_dir = max_in_a_row, checkpoint_dir
+        self.in_a_row = 0
+        self.last_finite: tuple[int | None, float | None] = (None, None)  # (step, loss)
+
+    def check(self, step: int, metrics: dict[str, float]) -> None:
+        if metrics["skipped_step"]:
+            self.in_a_row += 1
+        else:
+            self.in_a_row, self.last_finite = 0, (step, metrics["loss"])
+        if self.in_a_row >= self.max_in_a_row:
+            raise TrainingStopped(
+                f"stopped at step {step}: {self.in_a_row} steps in a row had non-finite "
+                f"gradients (last finite loss {self.last_finite[1]} at step "
+                f"{self.last_finite[0]}); the last good checkpoint is kept in "
+                f"{self.checkpoint_dir}."
+            )
+
+
+class StopRequest:
+    """Turns SIGTERM and SIGINT into a flag the loop checks after each step (it saves, leaves)."""
 
     def __init__(self):
-        self.signal_name = None
+        self.signal_name: str | None = None
         self._previous = {}
 
-    def __enter__(self):
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def __enter__(self) -> StopRequest:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def _handle(self, signum, frame):
+    def _handle(self, signum, frame) -> None:
         self.signal_name = signal.Signals(signum).name
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
 
-def run(config: config_lib.Config, workdir: str | Path) -> dict[str, Any]:
-    """Train (or resume) a run in ``workdir``; return the last metrics."""
-    workdir = Path(workdir)
-    preflight(config, workdir)
-    checkpoints = Checkpoints(workdir, keep=config.train.keep_checkpoints)
-    resume_from = checkpoints.latest_step()
-    if resume_from is not None:
-        try:
-            saved_config = checkpoints.read_config(resume_from)
-        except Exception as e:
-            raise CheckpointError(
-                f"{checkpoints.directory / str(resume_from)} is not a jaxtricks checkpoint "
-                f"({str(e).splitlines()[0][:120]}); move it away or pass another --workdir."
-            ) from None
-        for change in check_resumable(saved_config, config):
-            print(f"resuming with a changed config: {change}")
+def sample_text(model: Transformer, prompt: str, num_tokens: int, seed: int) -> str:
+    """``prompt`` and ``num_tokens`` bytes sampled after it (temperature 0.8, top-k 40)."""
+    from jaxtricks.lm.sampling import generate
 
-    # The model, the optimizer and the state they update.
-    tc = config.train
-    model, graphdef, rest, optimizer, state = init(config)
-    steps = make_steps(graphdef, rest, optimizer, config.parallelism,
-                       microbatches=tc.microbatches, unroll_microbatches=tc.unroll_microbatches)
-    rng = jax.random.key(tc.seed)
-
-    # The data, each process reading its own shard.
-    per_process_batch = tc.batch_size // jax.process_count()
-    train_iter = data_lib.train_iterator(config.data, batch_size=per_process_batch, seed=tc.seed)
-    eval_set = data_lib.eval_batches(config.data, batch_size=per_process_batch,
-                                     num_batches=tc.eval_batches)
-
-    start = 0
-    if resume_from is not None:
-        start, state, data_state, _ = checkpoints.restore(state)
-        train_iter.set_state(data_state)
-        print(f"resumed from {checkpoints.directory / str(start)} at step {start}")
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(config_lib.to_dict(config), indent=2) + "\n")
-
-    n_params = count_params(model)
-    flops = flops_per_token(config.model, config.data.seq_len)
-    device = jax.local_devices()[0]
-    peak = peak_flops(device)
-    print(f"model: {n_params / 1e6:.2f}M parameters, {flops / 1e6:.1f} MFLOPs per token; "
-          f"{steps.num_devices} x {device.device_kind} "
-          f"({'pmap' if steps.num_devices > 1 else 'jit'})")
-    tokens_per_step = tc.batch_size * config.data.seq_len
-
-    def evaluate(params) -> dict[str, float]:
-        losses = [float(steps.eval(params, steps.put_batch(b)).mean()) for b in eval_set]
-        val_loss = float(np.mean(losses))
-        # Byte-level tokens: one token per byte (the end-of-document token counted as one).
-        return {"val_loss": val_loss, "val_bits_per_byte": val_loss / math.log(2)}
-
-    log = MetricsLog(workdir, start)
-    state = steps.put_state(state)
-    last: dict[str, Any] = {"step": start}
-    from tqdm import tqdm
-
-    bar = tqdm(total=tc.steps, initial=start, unit="step", dynamic_ncols=True,
-               disable=None if sys.stderr.isatty() else True)
-    t_last, step_last = time.perf_counter(), start
-    skips_in_a_row, last_finite = 0, (None, None)
-
-    def record(step: int, device_metrics) -> None:
-        """Log one finished step; stop the run after too many non-finite steps in a row."""
-        nonlocal t_last, step_last, skips_in_a_row, last_finite
-        m = unreplicate_metrics(device_metrics, steps)
-        last.update(step=step, **m)
-        skips_in_a_row = skips_in_a_row + 1 if m["skipped_step"] else 0
-        if not m["skipped_step"]:
-            last_finite = (step, m["loss"])
-        if step % tc.log_every == 0 or m["skipped_step"] or step == tc.steps:
-            now = time.perf_counter()
-            if step > start + 1:  # the first step's time is mostly compilation: no speed for it
-                m["tokens_per_s"] = tokens_per_step * (step - step_last) / (now - t_last)
-                m["flops_per_s"] = m["tokens_per_s"] * flops
-                if peak is not None:
-                    m["mfu"] = m["flops_per_s"] / (peak * steps.num_devices)
-            log.write(step, m)
-            progress = {"loss": f"{m['loss']:.3f}", "lr": f"{m['learning_rate']:.2e}"}
-            if "tokens_per_s" in m:
-                progress["tok_s"] = f"{m['tokens_per_s']:,.0f}"
-            if bar.disable:  # not a terminal (a log file, CI): one plain line per log step
-                print(f"step {step}/{tc.steps}: "
-                      + ", ".join(f"{k} {v}" for k, v in progress.items()))
-            else:
-                bar.set_postfix(progress)
-        if step == start + 1 or step % tc.log_every == 0:
-            t_last, step_last = time.perf_counter(), step
-        if skips_in_a_row >= tc.max_consecutive_skips:
-            raise TrainingStopped(
-                f"stopped at step {step}: {skips_in_a_row} steps in a row had non-finite "
-                f"gradients (last finite loss {last_finite[1]} at step {last_finite[0]}); the "
-                f"last good checkpoint is kept in {checkpoints.directory}."
-            )
-
-    pending = None  # the previous step's metrics: read one step late, so the host never stalls
-    with _StopRequest() as stop:
-        for step in range(start + 1, tc.steps + 1):
-            batch = next(train_iter)
-            state, metrics = steps.train(state, steps.put_batch(batch), rng)
-            if pending is not None:
-                record(*pending)
-            pending = (step, metrics)
-            bar.update(1)
-            if step % tc.eval_every == 0 or step == tc.steps:
-                ev = evaluate(state.params)
-                log.write(step, ev)
-                bar.write(f"step {step}: val_loss {ev['val_loss']:.4f}, "
-                          f"{ev['val_bits_per_byte']:.3f} bits/byte")
-                last.update(ev)
-            if step % tc.checkpoint_every == 0 or step == tc.steps or stop.signal_name:
-                checkpoints.save(step, steps.get_state(state), train_iter.get_state(),
-                                 config_lib.to_dict(config))
-            if stop.signal_name:
-                print(f"received {stop.signal_name}: saved a checkpoint at step {step} in "
-                      f"{checkpoints.directory}; run the same command again to resume.")
-                break
-        if pending is not None:
-            record(*pending)
-    bar.close()
-    log.close()
-    checkpoints.close()
-    if hasattr(train_iter, "close"):  # grain worker processes, when data.num_workers > 0
-        train_iter.close()
-    from jaxtricks.lm.plots import write_report  # matplotlib: imported only when needed
-
-    print(f"report: {write_report(workdir)}")
-    if not stop.signal_name and tc.sample_tokens > 0:
-        from jaxtricks.lm.sampling import generate
-
-        model = nnx.merge(graphdef, steps.get_state(state).params, rest)
-        tokenizer = data_lib.ByteTokenizer()
-        prompt = tokenizer.encode(tc.sample_prompt)[None, :]
-        out = generate(model, prompt, max_new_tokens=tc.sample_tokens,
-                       rng=jax.random.key(tc.seed), temperature=0.8, top_k=40)
-        print("sample:\n" + tokenizer.decode(np.asarray(out)[0]))
-    return last
-
+    tokenizer = data_lib.ByteTokenizer()
+    out = generate(model, tokenizer.encode(prompt)[None, :], max_new_tokens=num_tokens,
+                   rng=jax.random.key(seed), temperature=0.8, top_k=40)
+    return tokenizer.decode(np.asarray(out)[0])
 
 
 def load_model(workdir: str | Path) -> tuple[config_lib.Config, Transformer, int]:
