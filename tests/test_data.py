@@ -335,10 +335,12 @@ def test_tfds_source_from_prepared_array_record(tiny_lines):
 def test_text_errors(tmp_path):
     def error(path, **kw):
         cfg = DataConfig(source="text", path=str(path), data_dir=str(tmp_path / "tfds"), **kw)
-        with pytest.raises(data.DataError) as e:
+        with pytest.raises(data.DataError) as checked:
             data.check_data(cfg)
+        with pytest.raises(data.DataError) as drawn:  # train_iterator explains the same way
             next(data.train_iterator(cfg, batch_size=2, seed=0))
-        return str(e.value)
+        assert str(drawn.value) == str(checked.value)
+        return str(checked.value)
 
     assert "data.path is empty" in error("")
     assert "does not exist" in error(tmp_path / "missing.txt")

@@ -271,11 +271,17 @@ def _refused_by_run(config, workdir, error=config_lib.ConfigError):
     return str(refused.value)
 
 
-def test_empty_data_file_and_unwritable_workdir_are_refused_before_compiling(tmp_path, data_dir):
+def test_empty_or_one_paragraph_data_and_unwritable_workdir_are_refused_early(tmp_path, data_dir):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     config = _config(data_dir, "data.source=text", f"data.path={empty}")
     assert "names only empty files" in _refused_by_run(config, tmp_path / "a", data_lib.DataError)
+    assert not (tmp_path / "a").exists()
+    one = tmp_path / "one.txt"
+    one.write_text("one paragraph\nover two lines\n")
+    config = _config(data_dir, "data.source=text", f"data.path={one}")
+    assert "has 1 paragraph(s); at least 2" in _refused_by_run(config, tmp_path / "a",
+                                                               data_lib.DataError)
     assert not (tmp_path / "a").exists()
     blocker = tmp_path / "a_file"
     blocker.write_text("x")

@@ -95,6 +95,27 @@ def _paragraphs(text: str) -> list[str]:
     return [p.strip("\n").rstrip() for p in re.split(r"\n[ \t]*\n", text) if p.strip()]
 
 
+def _too_few_paragraphs(description: str, count: int) -> DataError:
+    return DataError(
+        f"{description} has {count} paragraph(s); at least 2 are needed to hold out validation "
+        "(paragraphs are separated by blank lines)."
+    )
+
+
+def _check_paragraphs(files: list[Path], description: str) -> None:
+    """Refuse text files with fewer than 2 paragraphs in all, reading only until 2 are found."""
+    count = 0
+    for f in files:
+        count += len(_paragraphs(f.read_text(encoding="utf-8", errors="replace")))
+        if count >= 2:
+            return
+    raise _too_few_paragraphs(description, count)
+
+
+def _text_description(cfg: DataConfig, files: list[Path]) -> str:
+    return f"data.path={cfg.path!r} ({len(files)} files)"
+
+
 def _embedded_topics() -> list[str]:
     from pydoc_data.topics import topics  # 79 topics, ~465 KB of English text
 
@@ -138,10 +159,7 @@ class JaxtricksText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             texts = _embedded_topics()
         docs = [p for text in texts for p in _paragraphs(text)]
         if len(docs) < 2:
-            raise DataError(
-                f"{config.description} has {len(docs)} paragraph(s); at least 2 are needed to "
-                "hold out validation (paragraphs are separated by blank lines)."
-            )
+            raise _too_few_paragraphs(config.description, len(docs))
         num_val = min(max(1, round(config.val_fraction * len(docs))), len(docs) - 1)
         is_val = np.zeros(len(docs), bool)
         is_val[np.random.default_rng(0).permutation(len(docs))[:num_val]] = True
@@ -230,7 +248,7 @@ def _corpus_builder(cfg: DataConfig) -> JaxtricksText:
         files = tuple(str(p) for p in paths)
         stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
         name = "text-" + _fingerprint(stats, cfg.val_fraction)
-        description = f"data.path={cfg.path!r} ({len(files)} files)"
+        description = _text_description(cfg, paths)
     config = CorpusConfig(
         name=name, description=description, files=files, val_fraction=cfg.val_fraction
     )
@@ -245,9 +263,11 @@ def _corpus_builder(cfg: DataConfig) -> JaxtricksText:
 
 def check_data(cfg: DataConfig) -> None:
     """Raise :class:`DataError` if ``cfg`` names data that cannot be read. Cheap: prepares and
-    writes nothing, so the trainer calls it before compiling anything."""
+    writes nothing and reads text files only until it has found two paragraphs, so the trainer
+    calls it before compiling anything."""
     if cfg.source == "text":
-        _text_files(cfg.path)
+        files = _text_files(cfg.path)
+        _check_paragraphs(files, _text_description(cfg, files))
     if cfg.source != "tfds":
         return  # the embedded corpus is always there
     where = f"under data.data_dir={cfg.data_dir!r}" if cfg.data_dir else (
