@@ -1,14 +1,13 @@
 """The ``jaxtricks`` command on a tiny real run: lr-find, plot-schedule, report, sample, events.
 
-One 6-step training run (module fixture) serves the TensorBoard, report, sample and lr-find tests.
+One 6-step training run (module fixture) serves the TensorBoard, report, sample and lr-find tests
+(slow: end to end); the command's argument errors and plot-schedule need no run.
 """
 
 import csv
 import json
 import math
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import matplotlib.image
@@ -92,6 +91,7 @@ def read_event_records(path: Path) -> list[bytes]:
     return records
 
 
+@pytest.mark.slow
 def test_tensorboard_scalars_equal_metrics_jsonl(run_dir):
     from tensorboardX.proto import event_pb2
 
@@ -120,6 +120,7 @@ def test_tensorboard_scalars_equal_metrics_jsonl(run_dir):
 # --------------------------------------------------------------------------- report
 
 
+@pytest.mark.slow
 def test_report_of_the_run(run_dir, capsys):
     assert main(["report", str(run_dir)]) == 0
     assert_png(run_dir / "report.png", min_size=(600, 600))
@@ -140,6 +141,7 @@ def test_report_of_the_run(run_dir, capsys):
 # --------------------------------------------------------------------------- sample
 
 
+@pytest.mark.slow
 def test_sample_is_reproducible_for_a_seed(run_dir, capsys):
     from jaxtricks.lm import sampling
 
@@ -161,6 +163,7 @@ def test_sample_is_reproducible_for_a_seed(run_dir, capsys):
                  "--prompt", ""]) == 0  # an empty prompt starts a new document; greedy
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, needles", [
     (["--temperature", "-1"], ["--temperature", ">= 0"]),
     (["--temperature", "nan"], ["--temperature"]),
@@ -182,6 +185,7 @@ def test_sample_without_checkpoint(tmp_path, capsys):
 # --------------------------------------------------------------------------- lr-find
 
 
+@pytest.mark.slow
 def test_lr_find_diverges_suggests_and_leaves_checkpoints_alone(run_dir, capsys):
     checkpoints_before = snapshot(run_dir / "checkpoints")
     assert checkpoints_before  # the run saved one
@@ -259,13 +263,12 @@ def test_report_without_metrics(tmp_path, capsys):
     assert_user_error(main(["report", str(tmp_path)]), capsys.readouterr().err, "metrics.jsonl")
 
 
-def test_python_dash_m_and_help():
-    done = subprocess.run([sys.executable, "-m", "jaxtricks", "report", "/no/such/run"],
-                          capture_output=True, text=True, timeout=60)
+@pytest.mark.slow
+def test_python_dash_m_and_help(python):
+    done = python.run("-m", "jaxtricks", "report", "/no/such/run", timeout=60)
     assert done.returncode == 2 and done.stdout == ""
     assert_user_error(done.returncode, done.stderr, "does not exist")
-    done = subprocess.run([sys.executable, "-m", "jaxtricks", "--help"],
-                          capture_output=True, text=True, timeout=60)
+    done = python.run("-m", "jaxtricks", "--help", timeout=60)
     assert done.returncode == 0
     for command in ("lr-find", "plot-schedule", "report", "sample"):
         assert command in done.stdout

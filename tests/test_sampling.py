@@ -90,7 +90,7 @@ def test_filter_logits_edge_cases():
 # --------------------------------------------------------------------------- generate
 
 
-@pytest.mark.parametrize("position", ["learned", "rope"])
+@pytest.mark.parametrize("position", ["learned", pytest.param("rope", marks=pytest.mark.slow)])
 def test_greedy_with_cache_equals_without_and_follows_the_argmax(position):
     model = _model(position)
     prompt = _prompts(2, 3)
@@ -109,6 +109,7 @@ def test_greedy_with_cache_equals_without_and_follows_the_argmax(position):
         np.testing.assert_array_equal(cached[:, t], window[:, -1].argmax(-1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("top_k, top_p, temperature", [(3, None, 2.0), (None, 0.5, 1.0)])
 def test_top_k_and_top_p_never_pick_an_excluded_token(top_k, top_p, temperature):
     model, prompt = _model(), _prompts(32, 4, seed=5)
@@ -125,7 +126,7 @@ def test_top_k_and_top_p_never_pick_an_excluded_token(top_k, top_p, temperature)
 
 
 def test_sampling_is_reproducible_and_seeded():
-    model, prompt = _model(), _prompts(32, 4, seed=5)  # the shapes of the test above: no compiles
+    model, prompt = _model(), _prompts(32, 4, seed=5)  # the shapes of the test above
     sample = functools.partial(generate, model, prompt, max_new_tokens=8, temperature=2.0, top_k=3)
     a = sample(rng=jax.random.key(7))
     np.testing.assert_array_equal(a, sample(rng=jax.random.key(7)))
