@@ -1,4 +1,5 @@
-"""The transformer LM: shapes, parameter count, causality, dropout, bfloat16, KV cache, learning."""
+"""The transformer LM: shapes, parameter count, causality, dropout, bfloat16, KV cache, learning,
+and its two paths (the plain layers and jaxtricks.lm.cpu's) computing the same model."""
 
 import functools
 import math
@@ -10,6 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
+from jaxtricks.lm import cpu
 from jaxtricks.lm.config import ModelConfig
 from jaxtricks.lm.model import KVCache, Transformer, count_params, flops_per_token, init_cache
 
@@ -35,6 +37,18 @@ def _model(**overrides) -> Transformer:
 @functools.cache
 def _build(cfg: ModelConfig) -> Transformer:
     return Transformer(cfg, rngs=nnx.Rngs(0))
+
+
+@functools.cache
+def _graphdef(cfg: ModelConfig, cpu_paths: bool) -> nnx.GraphDef:
+    """The model's structure on one path, from nnx.eval_shape (no parameters are initialized)."""
+    return nnx.graphdef(nnx.eval_shape(
+        lambda: Transformer(cfg, rngs=nnx.Rngs(0), cpu_paths=cpu_paths)))
+
+
+def _on_path(model: Transformer, cpu_paths: bool) -> Transformer:
+    """``model``'s parameters in the model built for the plain path or the CPU path."""
+    return nnx.merge(_graphdef(model.cfg, cpu_paths), nnx.state(model))
 
 
 @pytest.fixture(params=["learned", "rope"])
@@ -113,9 +127,13 @@ def test_init_follows_gpt2():
     assert std(block.mlp.down.kernel) == pytest.approx(residual_std, rel=0.1)
     assert float(jnp.abs(block.mlp.up.bias[...]).max()) == 0.0
     assert bool(jnp.all(block.norm_attn.scale[...] == 1.0))
+    assert bool(jnp.all(model.norm_out.bias[...] == 0.0))
+    assert block.norm_mlp.epsilon == 1e-5  # torch.nn.LayerNorm's default (GPT-2's), not nnx's
 
 
-def test_causal(model):
+@pytest.mark.parametrize("cpu_paths", [True, False])
+def test_causal(model, cpu_paths):
+    model = _on_path(model, cpu_paths)
     tokens = _tokens(2, 12, seed=1)
     t = 7
     changed = tokens.at[:, t].set((tokens[:, t] + 1) % TINY.vocab_size)
@@ -126,10 +144,11 @@ def test_causal(model):
 
 def test_attention_blocks_do_not_change_the_model():
     tokens = _tokens(2, 16)
-    one = _model(attention_blocks=1)
-    graphdef, params = nnx.split(one)
-    blocked = nnx.merge(nnx.graphdef(_model(attention_blocks=4)), params)
-    np.testing.assert_allclose(forward(blocked, tokens), forward(one, tokens), rtol=1e-5, atol=1e-5)
+    model = _model(attention_blocks=4)
+    for blocks in (1, 3):
+        other = nnx.merge(_graphdef(_cfg(attention_blocks=blocks), True), nnx.state(model))
+        np.testing.assert_allclose(forward(other, tokens), forward(model, tokens),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_explicit_positions():
@@ -192,7 +211,9 @@ def _apply_cached(graphdef, params, tokens, cache):
     return nnx.merge(graphdef, params)(tokens, cache=cache)
 
 
-def test_cached_decoding_matches_full_forward(model):
+@pytest.mark.parametrize("cpu_paths", [True, False])
+def test_cached_decoding_matches_full_forward(model, cpu_paths):
+    model = _on_path(model, cpu_paths)
     cfg = model.cfg
     graphdef, params = nnx.split(model)
     tokens = _tokens(2, 12, seed=2)
@@ -238,3 +259,141 @@ def test_tiny_model_overfits_one_batch():
         losses.append(float(loss))
     assert losses[0] == pytest.approx(math.log(model.cfg.vocab_size), abs=0.1)  # uniform at init
     assert losses[-1] < 0.05  # 64 random next tokens memorized
+
+
+# --------------------------------------------------------------------------- the two paths
+
+
+def test_the_cpu_paths_are_chosen_on_the_cpu_backend(monkeypatch):
+    def build(**kwargs):
+        return nnx.eval_shape(lambda: Transformer(TINY, rngs=nnx.Rngs(0), **kwargs))
+
+    tokens = jnp.zeros((2, 12), jnp.int32)
+
+    def primitives(model):
+        graphdef, state = nnx.split(model)
+        jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(tokens))(state)
+        return {e.primitive.name for e in jaxpr.jaxpr.eqns}
+
+    assert jax.default_backend() == "cpu"  # tests/conftest.py
+    default = build()
+    assert default.cpu_paths is True
+    assert isinstance(default.norm_out, cpu.LayerNorm)
+    assert default.blocks[0].attn.qkv.dot_general is cpu.linear_dot_general
+    assert "custom_vjp_call" in primitives(default)  # cpu.layer_norm's hand-written backward
+    plain = build(cpu_paths=False)  # forced off on the CPU
+    assert plain.cpu_paths is False
+    assert type(plain.norm_out) is nnx.LayerNorm
+    assert plain.blocks[0].attn.qkv.dot_general is jax.lax.dot_general
+    assert "custom_vjp_call" not in primitives(plain)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert build().cpu_paths is False  # any other backend: the plain layers
+    assert build(cpu_paths=True).cpu_paths is True  # forced on
+
+
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_both_paths_create_the_same_parameters(position):
+    """Same paths, variable types, shapes and initial values: a checkpoint of one loads in the
+    other."""
+    cfg = _cfg(position=position)
+    on_cpu = nnx.to_flat_state(nnx.state(_build(cfg)))
+    plain = nnx.to_flat_state(nnx.state(Transformer(cfg, rngs=nnx.Rngs(0), cpu_paths=False)))
+    assert [path for path, _ in on_cpu] == [path for path, _ in plain]
+    assert len(on_cpu) == 4 + 12 * cfg.num_layers - (position == "rope")  # every variable a Param
+    for (path, a), (_, b) in zip(on_cpu, plain, strict=True):
+        assert type(a) is type(b) is nnx.Param, path
+        assert a[...].dtype == b[...].dtype == jnp.float32, path
+        np.testing.assert_array_equal(a[...], b[...], err_msg=str(path))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _loss_and_grads(graphdef, params, tokens, dropout_rng):
+    def loss(params):
+        logits = nnx.merge(graphdef, params)(tokens[:, :-1], dropout_rng=dropout_rng)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+    return jax.value_and_grad(loss)(params)
+
+
+@pytest.mark.parametrize("position, dropout, dtype", [
+    ("learned", 0.0, "float32"), ("rope", 0.1, "float32"),
+    pytest.param("learned", 0.1, "bfloat16", marks=pytest.mark.slow),
+    pytest.param("rope", 0.0, "bfloat16", marks=pytest.mark.slow),
+])
+def test_both_paths_give_the_same_loss_and_gradients(position, dropout, dtype):
+    """The same parameters and batch through the plain layers and through jaxtricks.lm.cpu's (the
+    dropout masks are the same: both draw them from the same keys)."""
+    params = nnx.state(_model(position=position))  # neither dropout nor dtype is a parameter
+    cfg = _cfg(position=position, dropout=dropout, dtype=dtype)
+    tokens = _tokens(4, 17, seed=4)  # 16 positions: cfg.attention_blocks=4 query blocks
+    rng = jax.random.key(5) if dropout else None
+    loss_cpu, grads_cpu = _loss_and_grads(_graphdef(cfg, True), params, tokens, rng)
+    loss_plain, grads_plain = _loss_and_grads(_graphdef(cfg, False), params, tokens, rng)
+    assert math.isfinite(float(loss_plain))
+    leaves_cpu, leaves_plain = jax.tree.leaves(grads_cpu), jax.tree.leaves(grads_plain)
+    assert len(leaves_cpu) == len(leaves_plain) == len(jax.tree.leaves(params))
+    if dtype == "float32":
+        np.testing.assert_allclose(loss_cpu, loss_plain, rtol=1e-6)
+        for a, b in zip(leaves_cpu, leaves_plain, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    else:  # rounded to bfloat16 at other points: close, not equal
+        np.testing.assert_allclose(loss_cpu, loss_plain, rtol=1e-3)
+        for a, b in zip(leaves_cpu, leaves_plain, strict=True):
+            assert float(jnp.linalg.norm(a - b)) <= 3e-2 * float(jnp.linalg.norm(b))
+
+
+def _numpy_transformer(cfg: ModelConfig, params: nnx.State, tokens: np.ndarray) -> np.ndarray:
+    """GPT-2's forward pass written out in float64 numpy: the logits (batch, seq, vocab)."""
+    p = {".".join(map(str, path)): np.asarray(v[...], np.float64)
+         for path, v in nnx.to_flat_state(params)}
+    batch, seq = tokens.shape
+    heads, head_dim = cfg.num_heads, cfg.d_model // cfg.num_heads
+
+    def norm(x, name):  # torch.nn.LayerNorm: biased variance, epsilon 1e-5
+        mean = x.mean(-1, keepdims=True)
+        var = ((x - mean) ** 2).mean(-1, keepdims=True)
+        return (x - mean) / np.sqrt(var + 1e-5) * p[f"{name}.scale"] + p[f"{name}.bias"]
+
+    def linear(x, name):
+        return x @ p[f"{name}.kernel"] + p[f"{name}.bias"]
+
+    def rotate(x):  # RoFormer's rotation of the two halves of head_dim (GPT-NeoX layout)
+        half = head_dim // 2
+        angles = np.arange(seq)[:, None] * 10_000.0 ** (-np.arange(half) / half)  # (seq, half)
+        sin, cos = np.sin(angles)[:, None], np.cos(angles)[:, None]  # (seq, 1, half)
+        x1, x2 = x[..., :half], x[..., half:]
+        return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+    x = p["embed.embedding"][tokens]  # (batch, seq, d_model)
+    if cfg.position == "learned":
+        x = x + p["pos_embed.embedding"][:seq]
+    future = np.triu(np.ones((seq, seq), bool), k=1)
+    for layer in range(cfg.num_layers):
+        name = f"blocks.{layer}"
+        qkv = linear(norm(x, f"{name}.norm_attn"), f"{name}.attn.qkv")
+        q, k, v = (t.reshape(batch, seq, heads, head_dim) for t in np.split(qkv, 3, axis=-1))
+        if cfg.position == "rope":
+            q, k = rotate(q), rotate(k)
+        scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(head_dim)
+        scores = np.where(future, -np.inf, scores)
+        weights = np.exp(scores - scores.max(-1, keepdims=True))
+        weights /= weights.sum(-1, keepdims=True)
+        attended = np.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, seq, -1)
+        x = x + linear(attended, f"{name}.attn.proj")
+        hidden = linear(norm(x, f"{name}.norm_mlp"), f"{name}.mlp.up")
+        gelu = 0.5 * hidden * (1 + np.tanh(np.sqrt(2 / np.pi) * (hidden + 0.044715 * hidden**3)))
+        x = x + linear(gelu, f"{name}.mlp.down")
+    return norm(x, "norm_out") @ p["embed.embedding"].T
+
+
+@pytest.mark.parametrize("cpu_paths", [True, False])
+def test_forward_equals_a_numpy_transformer(model, cpu_paths):
+    # Random norms and biases, so that every parameter shows in the logits.
+    state = nnx.state(model)
+    keys = iter(jax.random.split(jax.random.key(6), 64))
+    state = jax.tree.map(lambda v: v + 0.1 * jax.random.normal(next(keys), v.shape), state)
+    tokens = _tokens(2, 16, seed=7)
+    ours = forward(nnx.merge(_graphdef(model.cfg, cpu_paths), state), tokens)
+    expected = _numpy_transformer(model.cfg, state, np.asarray(tokens))
+    assert float(np.abs(expected).max()) > 0.1  # not a vanishing comparison
+    np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-5)
