@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported after parsing so that --help is instant.
     from jaxtricks.lm.cpu import tune_host_malloc
 
-    tune_host_malloc()  # before JAX starts its threads: faster CPU steps (BENCHMARKS.md)
+    tune_host_malloc()  # before JAX starts its threads (see its docstring)
 
     from jaxtricks.lm import config as config_lib
     from jaxtricks.lm import training

@@ -54,11 +54,10 @@ def accumulate_gradients(
     With ``microbatches=1`` it is ``value_and_grad`` itself, on the same ``rng``.
 
     By default the parts run one after another (a ``jax.lax.scan``), so the activations kept for
-    the backward pass are those of one part: XLA's temporary memory falls about in proportion
-    (406 to 98 MB with 4 parts for a 1.85M-parameter model at batch 32 x 128). ``unroll=True``
-    lets XLA run the parts side by side instead, which saves no memory but can fill CPU cores
-    that one part leaves idle: on a 2-core CPU two unrolled halves took 0.92x-0.98x the time of
-    the whole-batch step for models of 0.64M to 10.8M parameters (BENCHMARKS.md).
+    the backward pass are those of one part: XLA's temporary memory falls about in proportion to
+    the number of parts. ``unroll=True`` lets XLA run the parts side by side instead, which saves
+    no memory but can fill CPU cores that one part leaves idle (``benchmarks/bench_step.py``
+    measures whether it pays on a given machine).
 
     Example (any optax loop can use it)::
 
