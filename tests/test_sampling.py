@@ -125,6 +125,7 @@ def test_top_k_and_top_p_never_pick_an_excluded_token(top_k, top_p, temperature)
     assert (new != logits.argmax(-1)).mean() > 0.1
 
 
+@pytest.mark.slow
 def test_sampling_is_reproducible_and_seeded():
     model, prompt = _model(), _prompts(32, 4, seed=5)  # the shapes of the test above
     sample = functools.partial(generate, model, prompt, max_new_tokens=8, temperature=2.0, top_k=3)

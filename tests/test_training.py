@@ -135,7 +135,7 @@ def test_nonfinite_guard_stops_after_max_in_a_row(tmp_path):
     assert str(tmp_path) in str(stopped.value)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
 def test_stop_request_turns_a_signal_into_a_flag_and_restores_the_handler(sig):
     before = signal.getsignal(sig)
     with training.StopRequest() as stop:
@@ -364,7 +364,7 @@ def test_a_run_logs_evaluates_checkpoints_and_samples(tmp_path, data_dir, capsys
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
 def test_a_signal_saves_and_the_resumed_run_equals_the_uninterrupted_one(
     tmp_path, data_dir, reference, monkeypatch, capsys, sig
 ):
