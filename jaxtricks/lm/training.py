@@ -154,8 +154,9 @@ def run(config: config_lib.Config, workdir: str | Path) -> dict[str, Any]:
     """Train (or resume) a run in ``workdir``; return the last step's metrics and evaluation.
 
     Raises:
-      ConfigError, DataError, CheckpointError: bad input, refused before anything is compiled or
-        written.
+      ConfigError, DataError: bad input, refused before anything is compiled or written.
+      CheckpointError: a checkpoint that is not ours or was made for another model (refused before
+        anything is compiled), or none in the workdir that can be read.
       TrainingStopped: ``train.max_consecutive_skips`` non-finite steps in a row.
     """
     workdir, tc = Path(workdir), config.train
