@@ -107,8 +107,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     Returns:
       FLOPs per trained token; multiply by tokens/s and divide by peak FLOP/s for the MFU.
 
-    >>> flops_per_token(ModelConfig(), 128)  # tiny default: 6 * 1,818,816 + 1,179,648
-    12092544.0
+    >>> flops_per_token(ModelConfig(), 128)  # the default model: 6 * 622,720 + 589,824
+    4326144.0
     """
     d, layers = cfg.d_model, cfg.num_layers
     matmul_params = layers * (4 * d * d + 2 * d * cfg.d_ff) + cfg.vocab_size * d
