@@ -14,11 +14,9 @@ Run it with nothing else heavy on the machine::
     python benchmarks/bench_transforms.py --quick    # tiny trees, a few rounds (smoke test)
     python benchmarks/bench_transforms.py --sections main --tune-host-malloc  # malloc as train.py
 
-The ``tried`` section times rewrites of the update that were tried and not kept, against the kept
-code, after checking that they compute the same updates and state.
-
-It prints markdown (the tables of BENCHMARKS.md's "Transforms" section). PyTorch rows appear when
-``torch`` is importable (``pip install torch==2.13.0``, a CPU build); otherwise a note says so.
+It prints markdown (the tables of BENCHMARKS.md's "Transforms" section, which says what each case
+and column is). PyTorch rows appear when ``torch`` is importable (``pip install torch``, a CPU
+build); otherwise a note says so.
 """
 
 from __future__ import annotations
@@ -29,10 +27,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before JAX starts: this benchma
 
 import argparse
 import dataclasses
-import datetime
 import gc
 import math
-import platform
 import re
 import statistics
 import sys
@@ -48,7 +44,7 @@ import optax
 import jaxtricks
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cpu_model  # noqa: E402
+from common import machine_line  # noqa: E402
 
 try:  # optional: the PyTorch rows
     import torch
@@ -86,22 +82,11 @@ CHECK = Hyper(peak_lr=1e-2, warmup=2, decay=0.1, clip=1.0, l1=1e-2, l2=1e-2, wei
 def jaxtricks_chain(h: Hyper, *, mask: Any = None, skip_nonfinite: bool = False,
                     record_penalties: bool = False):
     """``jaxtricks.make_optimizer``: clip -> L1 -> L2 -> Adam -> decoupled decay -> -lr."""
+    schedule = jaxtricks.warmup_then(h.warmup, jaxtricks.exponential_decay(h.peak_lr, h.decay))
     return jaxtricks.make_optimizer(
-        name="adamw",
-        learning_rate=jaxtricks.warmup_then(
-            h.warmup, jaxtricks.exponential_decay(h.peak_lr, h.decay)
-        ),
-        b1=h.b1,
-        b2=h.b2,
-        eps=h.eps,
-        clip_norm=h.clip,
-        l1=h.l1,
-        l2=h.l2,
-        weight_decay=h.weight_decay,
-        mask=mask,
-        skip_nonfinite=skip_nonfinite,
-        record_penalties=record_penalties,
-    )
+        name="adamw", learning_rate=schedule, b1=h.b1, b2=h.b2, eps=h.eps, clip_norm=h.clip,
+        l1=h.l1, l2=h.l2, weight_decay=h.weight_decay, mask=mask, skip_nonfinite=skip_nonfinite,
+        record_penalties=record_penalties)
 
 
 def optax_schedule(h: Hyper):
@@ -285,14 +270,8 @@ class TorchCase:
         kwargs = {"foreach": impl == "foreach"}
         if impl == "fused":
             kwargs = {"fused": True}
-        self.opt = torch.optim.AdamW(
-            params,
-            lr=h.peak_lr,
-            betas=(h.b1, h.b2),
-            eps=h.eps,
-            weight_decay=h.weight_decay,
-            **kwargs,
-        )
+        self.opt = torch.optim.AdamW(params, lr=h.peak_lr, betas=(h.b1, h.b2), eps=h.eps,
+                                     weight_decay=h.weight_decay, **kwargs)
 
         def factor(epoch):  # same as optax_schedule / jaxtricks' warmup_then, over peak_lr
             if epoch < h.warmup:
@@ -408,80 +387,25 @@ def print_table(results: list[Result], reference: str, *, per_leaf: int | None =
 
 
 def machine_header(argv: list[str], host_malloc: bool | None = None) -> None:
-    """The run's command, date, machine and versions; ``host_malloc``: None when
+    """The run's command, machine and versions; ``host_malloc``: None when
     ``--tune-host-malloc`` was not given, else what ``tune_host_malloc()`` returned."""
-    versions = (
-        f"python {platform.python_version()}, jax {jax.__version__}, "
-        f"jaxlib {jax.lib.__version__ if hasattr(jax.lib, '__version__') else '?'}, "
-        f"optax {optax.__version__}, numpy {np.__version__}, "
-        + (
-            f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
-            if torch
-            else "torch not installed"
-        )
-    )
     print(f"- command: `{' '.join(['python', *argv])}`")
-    print(f"- date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}")
-    print(f"- machine: {cpu_model()}, {os.cpu_count()} CPU cores, JAX devices: {jax.devices()}")
-    print(f"- versions: {versions}")
-    policy = os.environ.get(
-        "OMP_WAIT_POLICY", "unset (libgomp's default: spin a while, then sleep)"
-    )
+    print(f"- machine: {machine_line(('jax', 'jaxlib', 'optax', 'numpy', 'torch'))}; JAX devices: "
+          f"{jax.devices()}" + (f"; torch threads: {torch.get_num_threads()}" if torch else ""))
+    policy = os.environ.get("OMP_WAIT_POLICY", "unset (libgomp's default: spin, then sleep)")
     print(f"- OMP_WAIT_POLICY: {policy}")
     if os.environ.get("XLA_FLAGS"):
         print(f"- XLA_FLAGS: `{os.environ['XLA_FLAGS']}`")
     if host_malloc is None:
         print("- host malloc: as it is (`--tune-host-malloc` not given)")
-    elif host_malloc:
-        print("- host malloc: `jaxtricks.lm.cpu.tune_host_malloc()` applied before JAX started "
-              "(one arena, no mmap, no trimming)")
     else:
-        print("- host malloc: `--tune-host-malloc` given but not applied (not glibc, or "
-              "JAXTRICKS_HOST_MALLOC=default): as it is")
+        print("- host malloc: " + ("`tune_host_malloc()` applied before JAX started" if host_malloc
+              else "`--tune-host-malloc` given but not applied (not glibc, or "
+              "JAXTRICKS_HOST_MALLOC=default): as it is"))
     print()
 
 
-LEGEND = """\
-What each case computes (same math in every row, float32; see `Hyper` in the script):
-- **optax**: `optax.chain(clip_by_global_norm(c), L1, add_decayed_weights(2*l2), scale_by_adam,
-  add_decayed_weights(wd), scale_by_learning_rate(join_schedules([linear_schedule(0, peak, W),
-  exponential_decay(peak, 1, exp(-k))], [W])))`, where L1 is a one-line `optax.stateless` tree map
-  `g + l1*sign(w)` (optax has no L1 transform).
-- **jaxtricks**: `jaxtricks.make_optimizer(name="adamw", learning_rate=warmup_then(W,
-  exponential_decay(peak, k)), clip_norm=c, l1=l1, l2=l2, weight_decay=wd)`: the same chain, which
-  also records the pre-clip norm, whether it clipped and the lr in its state (not the L1/L2
-  penalties: `record_penalties=False` is the default; the breakdown shows what recording costs).
-- **torch <impl>**: `clip_grad_norm_`, `.grad += l1*sign(w) + 2*l2*w`,
-  `AdamW(weight_decay=wd).step()`, `LambdaLR.step()`, in place; `for-loop` (`foreach=False`, the
-  default for CPU tensors), `foreach` (`foreach=True`, also for the clip and the L1/L2 terms) or
-  `fused` (`fused=True`).
-- JAX rows: `tx.update` + `optax.apply_updates` in one `jax.jit`, params and state donated.
-  XLA kernels = fusions in the compiled update (a kernel launch each);
-  array copies = non-scalar `copy` ops XLA inserted (a full read + write of that array when it
-  runs; in the `skip_nonfinite` / `apply_if_finite` rows they write the zero updates of a skipped
-  step, in the branch that a finite step does not run);
-  XLA temp = its temporary buffers per update.
-- Ratios: median over rounds of (case / optax) timed back to back in the same round, with the
-  interquartile range of those per-round ratios; ms: median over rounds.
-"""
-
-
 # --------------------------------------------------------------------------- the sections
-
-
-def donation_copies() -> None:
-    """Why recording the L1/L2 penalties cost a copy of every parameter (fix 1 in BENCHMARKS.md),
-    in two lines: a reduction of donated ``p`` that feeds only another output is not ordered
-    before ``p``'s in-place update, so XLA copies ``p``; one that feeds the update is."""
-    p, g = jnp.ones((256, 256)), jnp.ones((256, 256))
-    beside = "`lambda p, g: (p - 0.1 * g, jnp.sum(p * p))`"  # the sum feeds another output
-    inside = "`lambda p, g: p - 0.1 * g * jnp.sum(p * p)`"  # the sum feeds the update
-    cases = {beside: lambda p, g: (p - 0.1 * g, jnp.sum(p * p)),
-             inside: lambda p, g: p - 0.1 * g * jnp.sum(p * p)}
-    copies = {name: hlo_stats(jax.jit(f, donate_argnums=0).lower(p, g).compile())["copies"]
-              for name, f in cases.items()}
-    print("Array copies of the donated `p` (jitted, `donate_argnums=0`): " + "; ".join(
-        f"{name}: {n}" for name, n in copies.items()) + "\n")
 
 
 def equivalence_check(steps: int = 6) -> None:
@@ -656,31 +580,6 @@ def noop_chain() -> optax.GradientTransformation:
         updates, state))
 
 
-def returned_and_ready_ms(call: Callable[[], Any], calls: int) -> tuple[float, float]:
-    """Median ms until ``call()`` returns (JAX's host-side work: the arguments, donation, the
-    output arrays; XLA runs the kernels asynchronously) and until what it returned is ready. The
-    gap between the two is about what XLA's kernels take."""
-    returned, ready = [], []
-    for _ in range(calls + 2):  # the first two warm up
-        start = time.perf_counter()
-        out = call()
-        returned.append(time.perf_counter() - start)
-        jax.block_until_ready(out)
-        ready.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(returned[2:]), 1e3 * statistics.median(ready[2:])
-
-
-def noop_dispatch_ms(shapes, calls: int) -> tuple[float, float]:
-    """:func:`returned_and_ready_ms` of the no-op update."""
-    case = make_cases(shapes, {NOOP: noop_chain()}, with_torch=False, grad_scale=1e-3)[NOOP]
-
-    def call():
-        case.params, case.state = case.compiled(case.params, case.state, case.grads)
-        return case.params, case.state
-
-    return returned_and_ready_ms(call, calls)
-
-
 def section_scaling(counts: list[int], size: int, timing_for: Callable[[int], Timing]) -> None:
     print(f"### Scaling with the number of leaves (every leaf ({size},) float32)\n")
     print(
@@ -719,273 +618,11 @@ def section_scaling(counts: list[int], size: int, timing_for: Callable[[int], Ti
         kernels = ", ".join(str(by_name[n].hlo["fusions"]) for n in jax_names)
         print(f"| {count:,} | {cells} | {compile_s} | {kernels} |")
     print()
-    returned, ready = noop_dispatch_ms(small_leaves_shapes(counts[-1], size), 30)
-    print(f"`{NOOP}` on its own, {counts[-1]:,} leaves, median of 30 calls: the call returns "
-          f"after {returned:.2f} ms, its results are ready after {ready:.2f} ms "
-          f"({returned / ready:.0%} of the time passes before the call returns). The call's "
-          "host-side work (JAX's handling of each argument, the donation, the output arrays; "
-          "XLA runs the kernels asynchronously) is the first figure.\n")
     if torch is None:
         print(TORCH_MISSING)
 
 
-# --------------------------------------------------------------------------- tried, not kept
-# Rewrites that were measured against the kept code and not kept (BENCHMARKS.md says why). Each
-# keeps the kept code's contract and state, so `tried_check` compares them number for number.
-
-KEPT_SKIP = "jaxtricks(mask=decay_mask, skip_nonfinite=True)"
-SMALL_BELOW = 4096  # elements: a leaf this small joins the concatenated vector of the norm
-
-
-def all_finite(tree) -> jax.Array:
-    """Whether every element is finite: one reduction per leaf, as in skip_nonfinite."""
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(tree)]))
-
-
-def skipped_state(state, skip, inner_state) -> jaxtricks.SkipNonfiniteState:
-    """skip_nonfinite's state after a step whose inner state is ``inner_state``."""
-    zero = jnp.zeros([], jnp.int32)
-    return jaxtricks.SkipNonfiniteState(
-        inner_state=inner_state,
-        total_skipped=jnp.where(
-            skip, optax.safe_increment(state.total_skipped), state.total_skipped
-        ),
-        consecutive_skipped=jnp.where(skip, optax.safe_increment(state.consecutive_skipped), zero),
-        last_skipped=skip,
-    )
-
-
-def zeroed(skip, updates):
-    return jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), updates)
-
-
-def skip_by_select(inner) -> optax.GradientTransformationExtraArgs:
-    """skip_nonfinite without a branch, as it was before commit cb7ef3a: the inner update always
-    runs, then ``jnp.where(skip, old, new)`` over every leaf of the inner state and
-    ``jnp.where(skip, 0, u)`` over the updates. Not kept: to keep the old state next to the new
-    one XLA copies the parameters and both Adam moments, and the selects are extra passes
-    (BENCHMARKS.md: 1.46x-1.61x the branch's time on GPT-2, 346 copies, 965 MiB of temps)."""
-    inner = optax.with_extra_args_support(inner)
-
-    def update_fn(updates, state, params=None, **extra_args):
-        skip = jnp.logical_not(all_finite(updates))
-        new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
-        kept = jax.tree.map(lambda old, new: jnp.where(skip, old, new), state.inner_state,
-                            new_inner)
-        return zeroed(skip, new_updates), skipped_state(state, skip, kept)
-
-    return optax.GradientTransformationExtraArgs(jaxtricks.skip_nonfinite(inner).init, update_fn)
-
-
-def skip_branch_state_only(inner) -> optax.GradientTransformationExtraArgs:
-    """A ``lax.cond`` that chooses the inner state only; the updates are computed again outside
-    the branch and zeroed with ``jnp.where``, so that ``apply_updates`` could fuse them into the
-    parameters. Not kept: the inner update runs twice and XLA copies more (BENCHMARKS.md: 2.2x
-    the branch's time on GPT-2, 642 copies)."""
-    inner = optax.with_extra_args_support(inner)
-
-    def update_fn(updates, state, params=None, **extra_args):
-        skip = jnp.logical_not(all_finite(updates))
-
-        def advance(_):
-            return inner.update(updates, state.inner_state, params, **extra_args)[1]
-
-        kept = jax.lax.cond(jnp.logical_not(skip), advance, lambda _: state.inner_state, None)
-        new_updates, _ = inner.update(updates, state.inner_state, params, **extra_args)
-        return zeroed(skip, new_updates), skipped_state(state, skip, kept)
-
-    return optax.GradientTransformationExtraArgs(jaxtricks.skip_nonfinite(inner).init, update_fn)
-
-
-def skip_on_global_norm(inner) -> optax.GradientTransformationExtraArgs:
-    """skip_nonfinite's branch, the skip decided on the gradient's global norm (the expression
-    the clip computes): a NaN or inf element makes it non-finite, so the per-leaf ``isfinite``
-    reductions run only then, in a ``lax.cond`` (an overflowing norm of finite elements must not
-    skip). Not kept: no gain once the update is a branch (BENCHMARKS.md: 1.239x optax's time for
-    the default config against 1.231x, and 358 more kernels to compile)."""
-    inner = optax.with_extra_args_support(inner)
-
-    def update_fn(updates, state, params=None, **extra_args):
-        skip = jax.lax.cond(
-            jnp.isfinite(jaxtricks.global_norm(updates)),
-            lambda _: jnp.zeros([], jnp.bool_),
-            lambda _: jnp.logical_not(all_finite(updates)),
-            None,
-        )
-
-        def apply(_):  # the branches of skip_nonfinite (jaxtricks/clipping.py)
-            return inner.update(updates, state.inner_state, params, **extra_args)
-
-        def reject(_):
-            zeros = jax.tree.map(lambda u: jnp.zeros(u.shape, u.dtype),
-                                 jax.eval_shape(apply, None)[0])
-            return zeros, state.inner_state
-
-        new_updates, kept = jax.lax.cond(jnp.logical_not(skip), apply, reject, None)
-        return new_updates, skipped_state(state, skip, kept)
-
-    return optax.GradientTransformationExtraArgs(jaxtricks.skip_nonfinite(inner).init, update_fn)
-
-
-def skip_variants(h: Hyper) -> dict[str, Any]:
-    """The default config's chain (the kept code first) and the tried ways to skip around it."""
-    inner = jaxtricks_chain(h, mask=jaxtricks.decay_mask)
-    return {
-        KEPT_SKIP: jaxtricks_chain(h, mask=jaxtricks.decay_mask, skip_nonfinite=True),
-        "no branch: jnp.where over the state and the updates": skip_by_select(inner),
-        "branch for the state only, updates again outside": skip_branch_state_only(inner),
-        "skip decided on the global norm": skip_on_global_norm(inner),
-    }
-
-
-def clip_by_concatenated_norm(max_norm: float, small_below: int) -> optax.GradientTransformation:
-    """jaxtricks.clip_by_global_norm (one factor, the pre-clip norm in its state) whose norm sums
-    the leaves under ``small_below`` elements as one concatenated vector, the big ones per leaf:
-    fewer kernels on many small leaves. Not kept: a gain of the order of the noise
-    (BENCHMARKS.md: 0.90x-0.99x the plain chain's time on 1,000 leaves, 0.92x on 100, 1.05x on
-    GPT-2)."""
-
-    def norm(tree):
-        leaves = [g.astype(jnp.promote_types(g.dtype, jnp.float32)) for g in jax.tree.leaves(tree)]
-        small = [g.ravel() for g in leaves if g.size < small_below]
-        squares = [jnp.sum(jnp.square(g)) for g in leaves if g.size >= small_below]
-        if small:
-            squares.append(jnp.sum(jnp.square(jnp.concatenate(small))))
-        return jnp.sqrt(sum(squares, start=jnp.zeros([], jnp.float32))).astype(jnp.float32)
-
-    def update_fn(updates, state, params=None):
-        del state, params
-        grad_norm = norm(updates)
-        factor = 1.0 / jnp.maximum(1.0, grad_norm / max_norm)
-        clipped = jax.tree.map(lambda g: (g * factor).astype(g.dtype), updates)
-        return clipped, jaxtricks.ClipByGlobalNormState(grad_norm, grad_norm > max_norm)
-
-    return optax.GradientTransformation(jaxtricks.clip_by_global_norm(max_norm).init, update_fn)
-
-
-def clip_variants(h: Hyper, small_below: int = SMALL_BELOW) -> dict[str, Any]:
-    """The plain jaxtricks chain, and the same with the concatenated norm in the clip (the
-    pieces of make_optimizer in its order; `tried_check` checks that the states match)."""
-    schedule = jaxtricks.warmup_then(h.warmup, jaxtricks.exponential_decay(h.peak_lr, h.decay))
-    concatenated = optax.chain(
-        clip_by_concatenated_norm(h.clip, small_below),
-        jaxtricks.l1_regularization(h.l1),
-        jaxtricks.l2_regularization(h.l2),
-        optax.scale_by_adam(b1=h.b1, b2=h.b2, eps=h.eps),
-        jaxtricks.weight_decay(h.weight_decay),
-        jaxtricks.scale_by_learning_rate(schedule),
-    )
-    return {"jaxtricks": jaxtricks_chain(h), "jaxtricks, clip norm over small leaves "
-            f"(< {small_below:,}) concatenated": concatenated}
-
-
-def trajectory(tx, shapes, params_np, grads_seq) -> list[Any]:
-    """(updates, state) after each step of ``tx``, jitted, the updates applied in between."""
-    update = jax.jit(tx.update)
-    params = to_jax(shapes, params_np)
-    state = tx.init(params)
-    out = []
-    for grads_np in grads_seq:
-        updates, state = update(to_jax(shapes, grads_np), state, params)
-        params = optax.apply_updates(params, updates)
-        out.append(jax.device_get((updates, state)))
-    return out
-
-
-def tree_diff(a, b) -> float:
-    """Max |a - b| over the leaves of two trees (inf if their structures differ; equal values,
-    inf included, differ by 0; a NaN against anything gives NaN)."""
-    if jax.tree.structure(a) != jax.tree.structure(b):
-        return math.inf
-    diffs = [0.0]
-    with np.errstate(invalid="ignore"):
-        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-            x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-            diffs.append(np.max(np.where(x == y, 0.0, np.abs(x - y)), initial=0.0))
-    return float(np.max(diffs))
-
-
-def tried_check() -> None:
-    """Each tried rewrite against the kept code: updates and state after every step of a few."""
-    shapes = mixed_shapes()
-    params_np = random_arrays(shapes, 0, 1.0)
-    finite = [random_arrays(shapes, 20 + i, 0.3) for i in range(3)]  # norm ~3: clipped
-    nan = [g.copy() for g in finite[1]]
-    nan[0].flat[0] = np.nan
-    huge = [g * 1e30 for g in finite[2]]  # finite, but the squares' sum overflows: no skip
-    skip_grads = [finite[0], nan, huge, finite[1]]
-    clip_grads = [finite[0], finite[1], [g * 1e-3 for g in finite[2]]]  # clipped, then not
-    runs = [(skip_variants(CHECK), skip_grads), (clip_variants(CHECK, small_below=32), clip_grads)]
-    print(f"Same contract: each rewrite against the kept code (the first row of its table) over "
-          f"a few jitted steps on a mixed tree ({describe(shapes)}); max |difference| of the "
-          "updates and the state after every step:")
-    diffs, skipped = {}, []
-    for variants, grads_seq in runs:
-        (kept_name, kept_tx), *tried = variants.items()
-        kept = trajectory(kept_tx, shapes, params_np, grads_seq)
-        if kept_name == KEPT_SKIP:
-            skipped = [bool(state.last_skipped) for _, state in kept]
-        for name, tx in tried:
-            diffs[name] = tree_diff(kept, trajectory(tx, shapes, params_np, grads_seq))
-            print(f"- {name}: {diffs[name]:.2g}")
-    # The steps must test the contract: the NaN step skipped, the overflowing norm's not.
-    print(f"- steps the kept skip_nonfinite skipped (finite, NaN, norm overflows, finite): "
-          f"{skipped}")
-    ok = skipped == [False, True, False, False] and all(d < 1e-5 for d in diffs.values())
-    print(f"- tried rewrites {'OK' if ok else 'MISMATCH'} (tolerance 1e-5)\n")
-
-
-def add_only_ms(count: int, size: int, state_count: int, calls: int) -> tuple[float, float]:
-    """:func:`returned_and_ready_ms` of the smallest jitted call over the no-op row's arrays:
-    ``p + g`` over ``count`` arrays of ``(size,)`` each, a ``state_count``-array state passed
-    through unchanged, ``p`` and the state donated."""
-
-    def arrays(n):
-        return {f"leaf{i:05d}": jnp.full((size,), i, jnp.float32) for i in range(n)}
-
-    p, g, state = arrays(count), arrays(count), arrays(state_count)
-
-    def add(p, g, state):
-        return jax.tree.map(jnp.add, p, g), state
-
-    compiled = jax.jit(add, donate_argnums=(0, 2)).lower(p, g, state).compile()
-
-    def call():
-        nonlocal p, state
-        p, state = compiled(p, g, state)
-        return p, state
-
-    return returned_and_ready_ms(call, calls)
-
-
-def section_tried(big, big_title: str, big_timing: Timing, counts: list[int],
-                  leaves_timing: Timing, floor_count: int) -> None:
-    """The rewrites of the update that BENCHMARKS.md reports as tried and not kept."""
-    print("### Tried and not kept\n")
-    print("Each table times rewrites against the kept code, its first row (the reference of "
-          "the ratios), interleaved; every rewrite keeps the kept code's contract and state.\n")
-    tried_check()
-    print(f"#### skip_nonfinite written other ways, around the default config's chain: "
-          f"{big_title}, {describe(big)}, {big_timing}\n")
-    print_table(timed(big, skip_variants(BENCH), big_timing, with_torch=False), KEPT_SKIP)
-    trees = [(f"{count:,} small leaves", small_leaves_shapes(count), leaves_timing)
-             for count in counts] + [(big_title, big, big_timing)]
-    for title, shapes, timing in trees:
-        print(f"#### The clip's norm over the small leaves concatenated: {title}, "
-              f"{describe(shapes)}, {timing}\n")
-        print_table(timed(shapes, clip_variants(BENCH), timing, with_torch=False), "jaxtricks")
-    size = 64
-    many = add_only_ms(floor_count, size, 2 * floor_count, 30)
-    one = add_only_ms(1, floor_count * size, 1, 30)
-    print(f"The floor of a jitted call per array: `p + g` alone (jitted, `p` and the state "
-          f"donated), median of 30 calls. Over {floor_count:,} arrays of ({size},) per `p` and "
-          f"`g` and a {2 * floor_count:,}-array state passed through: the call returns after "
-          f"{many[0]:.2f} ms, its results are ready after {many[1]:.2f} ms. The same arithmetic "
-          f"on one {floor_count * size:,}-element array per argument: returns after "
-          f"{one[0]:.2f} ms, ready after {one[1]:.2f} ms.\n")
-
-
-SECTIONS = ("check", "main", "breakdown", "scaling", "tried")
+SECTIONS = ("check", "main", "breakdown", "scaling")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -996,9 +633,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--sections",
         default=None,
-        help="comma-separated subset of check,main,breakdown,scaling,tried "
-        "(default: all; with --quick: check,main,scaling,tried). tried: rewrites of the update "
-        "measured against the kept code and not kept",
+        help="comma-separated subset of check,main,breakdown,scaling "
+        "(default: all; with --quick: check,main,scaling)",
     )
     parser.add_argument(
         "--max-leaves",
@@ -1019,7 +655,7 @@ def main(argv: list[str] | None = None) -> None:
         from jaxtricks.lm.cpu import tune_host_malloc
 
         host_malloc = tune_host_malloc()
-    default_sections = "check,main,scaling,tried" if args.quick else ",".join(SECTIONS)
+    default_sections = "check,main,scaling" if args.quick else ",".join(SECTIONS)
     sections = (args.sections or default_sections).split(",")
     if unknown := set(sections) - set(SECTIONS):
         parser.error(f"--sections: unknown {sorted(unknown)}; known: {', '.join(SECTIONS)}")
@@ -1034,7 +670,6 @@ def main(argv: list[str] | None = None) -> None:
         title = "GPT-2-shaped, tiny (--quick)"
         main_timing = breakdown_timing = Timing(args.rounds or 2)
         counts = [c for c in (1, 10) if c <= args.max_leaves]
-        tried_counts, tried_timing, floor_count = [10], Timing(2), 10
 
         def timing_for(count):
             return Timing(2)
@@ -1045,7 +680,6 @@ def main(argv: list[str] | None = None) -> None:
         main_timing = Timing(args.rounds or 10)  # ~0.5 s per update: no settling needed
         breakdown_timing = main_timing
         counts = [c for c in (1, 10, 100, 1000, 3000, 10000) if c <= args.max_leaves]
-        tried_counts, tried_timing, floor_count = [100, 1000], Timing(20, settle=1, inner=5), 1000
 
         def timing_for(count):
             return Timing(20 if count <= 100 else 10, settle=1, inner=5)
@@ -1054,18 +688,14 @@ def main(argv: list[str] | None = None) -> None:
     print("## Transforms\n")
     machine_header(sys.argv if argv is None else ["benchmarks/bench_transforms.py", *argv],
                    host_malloc)
-    print(LEGEND)
     if "check" in sections:
         equivalence_check()
-        donation_copies()
     if "main" in sections:
         section_main(big, title, main_timing)
     if "breakdown" in sections:
         section_breakdown(big, breakdown_timing)
     if "scaling" in sections:
         section_scaling(counts, 64, timing_for)
-    if "tried" in sections:
-        section_tried(big, title, main_timing, tried_counts, tried_timing, floor_count)
     print(f"total wall time {time.perf_counter() - start:.0f} s")
 
 
