@@ -7,7 +7,8 @@ its donated state. The tokens are synthetic (uniform random ids, one batch place
 once), so no dataset is needed; the speed does not depend on the token values.
 
 MFU = tokens/s x ``flops_per_token`` (6N + 12 L T d, PaLM's estimate, as the trainer logs it) /
-``training.PEAK_FLOPS`` of the device (dense bf16; H200 and H100: 989e12).
+``--peak-tflops`` (dense bf16; default 989, H100's and H200's). The script imports only the
+trainer's config, model and step: no dataset library (tensorflow-datasets, grain) is needed.
 
 ``--attention xla,cudnn`` measures both attention implementations in one run: ``xla`` is the
 model as written (``jax.nn.dot_product_attention(implementation=None)``, which jax resolves to
@@ -31,7 +32,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_line, markdown_table, median  # noqa: E402
+from common import build_step, machine_line, markdown_table, median, trainer  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK_OVERRIDES = [  # a tiny model that compiles and runs in seconds on a CPU
@@ -74,29 +75,18 @@ def compiled_attention(hlo_text: str) -> str:
     return "XLA (dots + softmax)"
 
 
-def measure(config, implementation: str, batch_size: int, steps: int, blocks: int) -> dict:
+def measure(config, implementation: str, batch_size: int, steps: int, blocks: int,
+            peak: float | None) -> dict:
     """Compile and time the train step of ``config`` with one attention implementation."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
-    from flax import nnx
-
-    from jaxtricks.lm.config import optimizer_from_config
-    from jaxtricks.lm.model import Transformer, count_params, flops_per_token
-    from jaxtricks.lm.step import TrainState, make_steps
-    from jaxtricks.lm.training import peak_flops
 
     jax.clear_caches()
     device = jax.local_devices()[0]
+    api = trainer()
+    built = build_step(api, config, config.train.steps, "single", batch_size)
+    train_steps, state, batch, rng = built.steps, built.state, built.batch, built.rng
     mc, seq = config.model, config.data.seq_len
-    model = Transformer(mc, rngs=nnx.Rngs(config.train.seed))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    optimizer = optimizer_from_config(config.optimizer, config.train.steps)
-    train_steps = make_steps(graphdef, rest, optimizer, "single")
-    state = train_steps.put_state(TrainState(jnp.int32(0), params, optimizer.init(params)))
-    tokens = np.random.default_rng(0).integers(0, mc.vocab_size, (batch_size, seq + 1), np.int32)
-    batch = train_steps.put_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]})
-    rng = jax.random.key(0)
 
     with attention_implementation(implementation):
         start = time.perf_counter()
@@ -123,12 +113,13 @@ def measure(config, implementation: str, batch_size: int, steps: int, blocks: in
         raise RuntimeError(f"the step produced a non-finite loss ({loss}) with {implementation}")
 
     tokens_per_s = batch_size * seq / step_s
-    flops = flops_per_token(mc, seq) * tokens_per_s
-    peak = peak_flops(device)
+    flops = api.flops_per_token(mc, seq) * tokens_per_s
+    peak = peak if device.platform == "gpu" else None
     stats = device.memory_stats() or {}
     return {
         "device": device.device_kind, "implementation": implementation, "attention": attention,
-        "batch": f"{batch_size}x{seq}", "params": count_params(model), "step_ms": 1e3 * step_s,
+        "batch": f"{batch_size}x{seq}", "params": api.count_params(built.model),
+        "step_ms": 1e3 * step_s,
         "tokens_per_s": tokens_per_s, "tflops": flops / 1e12,
         "mfu": None if peak is None else flops / peak, "peak": peak,
         "lower_s": lower_s, "compile_s": compile_s, "loss": loss,
@@ -145,6 +136,8 @@ def main(argv=None) -> None:
                         help="comma-separated from xla, cudnn (default both; --quick: xla)")
     parser.add_argument("--steps", type=int, default=20, help="steps per timed block")
     parser.add_argument("--blocks", type=int, default=3, help="timed blocks (median reported)")
+    parser.add_argument("--peak-tflops", type=float, default=989.0,
+                        help="the GPU's dense bf16 peak (default: H100 and H200, 989)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides, e.g. model.dtype=float32 data.seq_len=512")
     parser.add_argument("--quick", action="store_true",
@@ -180,7 +173,7 @@ def main(argv=None) -> None:
           f"blocks of {args.steps} steps after 3 warm-up steps\n")
     rows = []
     for name in implementations:
-        r = measure(config, name, batch_size, args.steps, args.blocks)
+        r = measure(config, name, batch_size, args.steps, args.blocks, 1e12 * args.peak_tflops)
         rows.append([
             r["device"], name, r["attention"], r["batch"], f"{r['params'] / 1e6:.1f}M",
             f"{r['step_ms']:.1f}", f"{r['tokens_per_s']:,.0f}", f"{r['tflops']:.2f}",

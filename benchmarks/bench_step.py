@@ -1,276 +1,192 @@
 """Training-step throughput on CPU: jaxtricks' jitted train step vs the same model in PyTorch.
 
-The JAX side is the real thing the trainer runs: ``Transformer`` + ``optimizer_from_config`` of the
-default ``OptimizerConfig`` (adamw, clip 1.0, cosine schedule, skip_nonfinite) + ``make_steps``'s
-jitted ``train_step`` with its donated state. The PyTorch side is the same architecture written
-here (pre-norm GPT-2: tied embedding, learned positions, LayerNorm, fused qkv Linear with bias,
-``F.scaled_dot_product_attention(is_causal=True)``, tanh GELU, final LayerNorm, GPT-2 init),
-trained eagerly with ``AdamW(betas=(0.9, 0.99), eps=1e-8, weight_decay=0)`` +
-``clip_grad_norm_(1.0)`` + a cosine ``LambdaLR``.
+The JAX side is the step the trainer runs: the config's ``Transformer``, ``optimizer_from_config``
+(configs/default.yaml: adamw, clip 1.0, cosine schedule, skip_nonfinite) and ``make_steps``'s
+jitted ``train_step`` with its donated state, built as ``training.run`` builds them, after
+``tune_host_malloc()`` as ``train.py`` calls it. The PyTorch side is the same architecture
+written here (pre-norm GPT-2: tied embedding, learned positions, LayerNorm, fused qkv Linear with
+bias, ``F.scaled_dot_product_attention(is_causal=True)``, tanh GELU, GPT-2 init), trained eagerly
+with ``AdamW`` + ``clip_grad_norm_`` + a cosine ``LambdaLR`` of the same hyperparameters.
 
-Each framework lives in its own worker process (so neither's thread pool competes with the other's
-and ``ru_maxrss`` is its own peak memory); the parent interleaves blocks of steps of A and B and
-reports medians. The CPU's practical peak is a large float32 matmul measured in the same
-interleaved loop by a JAX worker of its own. Synthetic random tokens, one batch placed on the
-device once.
+Each row runs in a worker process of its own (no thread pool competes with another, and
+``ru_maxrss`` is that row's peak memory); the parent interleaves blocks of steps of the rows
+(A B, B A, ...) and reports medians. Each block reads a step's metrics once the next step is
+dispatched, as the trainer does. The CPU's practical peak is a large float32 matmul timed between
+the blocks by a JAX worker of its own. Synthetic random tokens, one batch placed once.
 
-Sections (``--sections``):
-  step      tokens/s, GFLOP/s, share of the matmul peak, compile time and peak memory for the tiny
-            default model and a ~10M-parameter model, JAX vs PyTorch, and the "JAX, <variant>"
-            rows: the JAX step with one setting changed (``--variants``): one of its CPU
-            speed-ups undone, or ``cpu_devices=2``, or ``train.microbatches`` (gradient
-            accumulation, unrolled or scanned), or XLA flags added (``--xla-flags``), so that
-            what each gives is measured in the same run;
-  breakdown forward / backward / optimizer time of each framework (same models);
-  scaling   step time vs sequence length (fixed 4,096 tokens per batch) and vs width.
+Rows besides "JAX" and "PyTorch":
+  --variant SPEC   "JAX, SPEC": the step with config overrides (``cpu_devices=2``,
+                   ``train.microbatches=2 train.unroll_microbatches=true``) and/or environment
+                   variables, written in capitals, set in the worker before JAX starts
+                   (``JAXTRICKS_HOST_MALLOC=default``: glibc's malloc as it is; ``XLA_FLAGS=...``),
+                   and ``cpu_paths=false``: the plain model, without jaxtricks.lm.cpu's paths;
+  --baseline DIR   "JAX at DIR": the same step of the jaxtricks checkout in DIR (e.g. a
+                   ``git worktree`` of an older commit), to compare two commits in one run.
+
+Sections: ``step`` (tokens/s, GFLOP/s, share of the matmul peak, compile time, peak memory) and
+``scaling`` (step time vs sequence length at fixed tokens per batch, and vs width; tiny model).
 
 Usage:
-  python benchmarks/bench_step.py                 # all sections, about 22 minutes
+  python benchmarks/bench_step.py                 # default, tiny and small models; ~15 minutes
+  python benchmarks/bench_step.py --sections step --models default --baseline /tmp/baseline
   python benchmarks/bench_step.py --quick         # a tiny smoke run (seconds), as in the tests
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import importlib.util
 import math
 import os
-import re
+import shlex
+import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 from common import OthersShare, Worker, markdown_table, max_rss_mb, median  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_YAML = os.path.join(REPO, "configs", "default.yaml")
-VOCAB = 257
-# (architecture, batch, seq). "tiny" is the issue's default model (configs/default.yaml when the
-# issue was filed), "small" the ~10M-parameter one; --models default: configs/default.yaml now.
+# Overrides of configs/default.yaml (the "default" model). "tiny" was configs/default.yaml's
+# model when the step was first measured against PyTorch, "small" has 10.8M parameters.
 MODELS = {
-    "tiny": (dict(num_layers=4, d_model=192, num_heads=4, d_ff=768), 32, 128),
-    "small": (dict(num_layers=6, d_model=384, num_heads=6, d_ff=1536), 32, 128),  # 10.8M params
+    "default": [],
+    "tiny": ["model.num_layers=4", "model.d_model=192", "model.num_heads=4", "model.d_ff=768",
+             "train.batch_size=32"],
+    "small": ["model.num_layers=6", "model.d_model=384", "model.num_heads=6", "model.d_ff=1536",
+              "train.batch_size=32"],
 }
-QUICK_MODELS = {"quick": (dict(num_layers=1, d_model=32, num_heads=2, d_ff=128), 8, 16)}
+QUICK = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.d_ff=128",
+         "train.batch_size=8", "data.seq_len=16", "model.max_seq_len=16"]
 TOTAL_STEPS = 10_000  # length of the cosine schedule of both optimizers (no effect on speed)
-# "JAX" is the step as train.py runs it. Each variant ("JAX, <name>" rows, --variants) is the same
-# step with one setting changed, measured in the same interleaved run: one of the CPU speed-ups of
-# BENCHMARKS.md undone (the ratio of the step times is what that fix gives), or an opt-in setting
-# (cpu_devices=2, train.microbatches; the ratio is what it gives).
-VARIANTS = {
-    "glibc malloc": "without jaxtricks.lm.cpu.tune_host_malloc() (glibc's malloc as it is)",
-    "heap trimmed above 2 GiB": "tune_host_malloc() with its trim threshold before commit "
-    "3f92316: glibc gives the free heap top back once it passes 2 GiB",
-    "autodiff LayerNorm": "LayerNorm as before its hand-written backward: one pass, autodiff",
-    "3-D matmuls": "linear layers contracting over (batch, seq) instead of one merged axis",
-    "one attention call": "model.attention_blocks=1: no query blocks",
-    "2 CPU devices": "cpu_devices=2: the CPU split into two JAX devices, the step pmapped over "
-    "two halves of the batch",
-    "2 unrolled microbatches": "train.microbatches=2, unroll_microbatches=true: the gradient "
-    "accumulated over two halves of the batch in an unrolled loop, which XLA may run side by side",
-    "4 unrolled microbatches": "the same with four quarters",
-    "8 unrolled microbatches": "the same with eight eighths",
-    "4 microbatches": "train.microbatches=4: four quarters in turn (a scan), one quarter's "
-    "activations in memory at a time",
-}
-# (train.microbatches, train.unroll_microbatches) of the variants that set them.
-MICROBATCHES = {"2 unrolled microbatches": (2, True), "4 unrolled microbatches": (4, True),
-                "8 unrolled microbatches": (8, True), "4 microbatches": (4, False)}
-# The variants run by default: each JAX worker holds its model's buffers (up to 3 GB for the small
-# model), so all of them at once would not fit a 24 GB machine; the others with --variants.
-DEFAULT_VARIANTS = [v for v in VARIANTS if v not in MICROBATCHES]
 
 
-def _undo(variant: str) -> None:
-    """Put back, in this worker process, what ``variant`` names (see ``VARIANTS``)."""
-    import jax
-    import jax.numpy as jnp
-
-    import jaxtricks.lm.model as model
-
-    if variant == "autodiff LayerNorm":  # jaxtricks' LayerNorm before commit baec7f7
-
-        def layer_norm(x, scale, bias):
-            mean = jnp.mean(x, axis=-1, keepdims=True)
-            var = jnp.maximum(jnp.mean(jnp.square(x), axis=-1, keepdims=True) - mean**2, 0.0)
-            return (x - mean) * jax.lax.rsqrt(var + model.NORM_EPS) * scale + bias
-
-        model.layer_norm = layer_norm
-    elif variant == "3-D matmuls":  # nnx.Linear's own dot_general, before commit 96a8ff1
-
-        def matmul(x, kernel, **kwargs):
-            return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), **kwargs)
-
-        model.matmul_2d = matmul
-    elif variant == "heap trimmed above 2 GiB":  # tune_host_malloc before commit 3f92316
-        import ctypes
-
-        from jaxtricks.lm.step import _M_TRIM_THRESHOLD
-
-        ctypes.CDLL(None).mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
-    elif variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+def parse_variant(spec: str) -> tuple[dict[str, str], list[str], dict[str, bool]]:
+    """``--variant``'s ``KEY=VALUE`` words: (environment variables, config overrides, keywords of
+    the model's constructor: ``cpu_paths=false`` is the plain model on a CPU)."""
+    env, overrides, model = {}, [], {}
+    for word in shlex.split(spec):
+        key, sep, value = word.partition("=")
+        if not sep:
+            raise ValueError(f"{word!r} is not KEY=VALUE")
+        if key.isupper():
+            env[key] = value
+        elif key == "cpu_paths":
+            if value.lower() not in ("true", "false"):
+                raise ValueError(f"cpu_paths takes true or false, not {value!r}")
+            model[key] = value.lower() == "true"
+        else:
+            overrides.append(word)
+    return env, overrides, model
 
 
-def default_optimizer() -> dict:
-    """The optimizer section of configs/default.yaml (what ``python train.py`` trains with)."""
-    import dataclasses
-
+def resolve(overrides: list[str]) -> dict:
+    """What every worker needs to build one model's step: the overrides (a JAX worker loads the
+    config with its own jaxtricks) and their result as plain values (for PyTorch, FLOPs)."""
     from jaxtricks.lm import config as config_lib
 
-    return dataclasses.asdict(config_lib.load(DEFAULT_YAML).optimizer)
+    config = config_lib.load(None, overrides)
+    return {"overrides": list(overrides), "model_kwargs": {},
+            "model": dataclasses.asdict(config.model),
+            "batch": config.train.batch_size, "seq": config.data.seq_len,
+            "optimizer": dataclasses.asdict(config.optimizer), "cpu_devices": config.cpu_devices}
 
 
-def default_model() -> tuple[dict, int, int]:
-    """configs/default.yaml's model, batch size and sequence length."""
-    import dataclasses
-
-    from jaxtricks.lm import config as config_lib
-
-    config = config_lib.load(DEFAULT_YAML)
-    model = dataclasses.asdict(config.model)
-    arch = {k: model[k] for k in ("num_layers", "d_model", "num_heads", "d_ff")}
-    return arch, config.train.batch_size, config.data.seq_len
-
-
-def make_spec(model: dict, batch: int, seq: int, optimizer: dict) -> dict:
-    return {"model": {**model, "vocab_size": VOCAB, "max_seq_len": seq}, "batch": batch,
-            "seq": seq, "optimizer": optimizer}
-
-
-def _tokens(spec: dict):
-    import numpy as np
-
-    return np.random.default_rng(0).integers(
-        0, VOCAB, (spec["batch"], spec["seq"] + 1), dtype=np.int32
-    )
+def checkout_name(path: str) -> str:
+    """``path`` and its git commit, if it is a git checkout."""
+    proc = subprocess.run(["git", "-C", path, "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, check=False)
+    return f"{path} ({proc.stdout.strip()})" if proc.returncode == 0 else path
 
 
 # --------------------------------------------------------------------------- JAX worker
 
 
-# This worker process's own use of the machine over its timed step blocks (``run``), since the
-# last ``usage()`` call: wall and CPU seconds, system seconds, minor page faults, steps.
-_USAGE = dict.fromkeys(("wall_s", "cpu_s", "sys_s", "minor_faults", "steps"), 0)
-
-
-def _count_usage(block: OthersShare, seconds: float, steps: int) -> None:
-    for key, value in (("wall_s", seconds), ("cpu_s", block.own_cpu_s),
-                       ("sys_s", block.own_sys_s), ("minor_faults", block.minor_faults),
-                       ("steps", steps)):
-        _USAGE[key] += value
-
-
-def usage() -> dict:
-    """What ``_USAGE`` holds, which is then reset."""
-    taken = dict(_USAGE)
-    _USAGE.update(dict.fromkeys(_USAGE, 0))
-    return taken
-
-
 class _StepBench:
-    """What the JAX and PyTorch workers report alike: peak memory over the baseline that each
-    takes once its framework has started, and ``usage()``."""
+    """What the JAX and PyTorch workers report alike: the time of ``n`` steps (``_steps``), peak
+    memory over the baseline each takes once its framework has started, and its own use of the
+    machine over its timed blocks since the last ``usage()`` call."""
 
     baseline_mb = 0.0
+    _used: dict | None = None
+
+    def run(self, n: int) -> tuple[float, float | None]:
+        """Seconds for ``n`` steps and the share of the CPUs other processes used meanwhile."""
+        with OthersShare() as others:
+            start = time.perf_counter()
+            self._steps(n)
+            seconds = time.perf_counter() - start
+        used = self._used = self._used or dict.fromkeys(USAGE, 0)
+        for key, value in zip(USAGE, (seconds, others.own_cpu_s, others.own_sys_s,
+                                      others.minor_faults, n), strict=True):
+            used[key] += value
+        return seconds, others.share
+
+    def usage(self) -> dict:
+        taken, self._used = self._used or dict.fromkeys(USAGE, 0), None
+        return taken
 
     def memory(self) -> dict:
         return {"peak_rss_mb": max_rss_mb(), "baseline_mb": self.baseline_mb}
 
-    usage = staticmethod(usage)
+
+USAGE = ("wall_s", "cpu_s", "sys_s", "minor_faults", "steps")
 
 
 class JaxBench(_StepBench):
-    """jaxtricks' own train step (make_steps), as ``training.run`` builds it; with ``variant``,
-    that step with one setting changed (``VARIANTS``); with ``xla_flags``, XLA started with
-    those flags added to XLA_FLAGS."""
+    """The trainer's jitted step of a :func:`resolve` spec (``load``); ``env`` is set, and
+    ``spec``'s CPU devices, before JAX starts; ``path``: the jaxtricks of the checkout there."""
 
-    def __init__(self, spec: dict | None = None, variant: str | None = None,
-                 xla_flags: str | None = None):
-        from jaxtricks.lm.cpu import tune_host_malloc, use_cpu_devices
-
-        if xla_flags:  # read when the backend starts (jax.devices() below), not before
-            os.environ["XLA_FLAGS"] = _with_xla_flags(xla_flags)
-        if variant != "glibc malloc":
-            tune_host_malloc()  # as train.py does, before JAX starts its threads
-        if variant is not None:
-            _undo(variant)
-        self.variant = variant
+    def __init__(self, spec: dict | None = None, env: dict | None = None,
+                 path: str | None = None):
+        os.environ.update(env or {})
+        self.api = common.trainer(path)
+        self.api.tune_host_malloc()  # as train.py does, before JAX starts its threads
         import jax
 
-        use_cpu_devices(2 if variant == "2 CPU devices" else None)  # as training.preflight does
+        self.api.use_cpu_devices(spec and spec["cpu_devices"])  # as training.preflight does
         jax.devices()  # start the backend before taking the memory baseline
-
         self.baseline_mb = max_rss_mb()
         self._matmul = None
-        self._parts = None
-        if spec is not None:
-            self.load(spec)
 
     def load(self, spec: dict) -> dict:
-        import dataclasses
-
         import jax
-        import jax.numpy as jnp
-        from flax import nnx
 
-        from jaxtricks.lm.config import ModelConfig, OptimizerConfig, optimizer_from_config
-        from jaxtricks.lm.model import Transformer, count_params
-        from jaxtricks.lm.step import TrainState, make_steps, unreplicate_metrics
-
-        self.state = self.steps = self._parts = None
+        self.built = None
         jax.clear_caches()
-        cfg = ModelConfig(**spec["model"])
-        if self.variant == "one attention call":
-            cfg = dataclasses.replace(cfg, attention_blocks=1)
-        model = Transformer(cfg, rngs=nnx.Rngs(0))
-        self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
-        self.optimizer = optimizer_from_config(OptimizerConfig(**spec["optimizer"]), TOTAL_STEPS)
-        state = TrainState(jnp.int32(0), params, self.optimizer.init(params))
-        microbatches, unroll = MICROBATCHES.get(self.variant, (1, False))
-        self.steps = make_steps(self.graphdef, self.rest, self.optimizer, "auto",
-                                microbatches=microbatches, unroll_microbatches=unroll)
-        self.state = self.steps.put_state(state)
-        tokens = _tokens(spec)
-        self.batch = self.steps.put_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]})
-        self.rng = jax.random.key(0)
+        config = self.api.load(None, spec["overrides"])
+        built = self.built = common.build_step(self.api, config, TOTAL_STEPS,
+                                               **spec["model_kwargs"])
         # Ahead-of-time lower + compile: split into tracing and XLA's share; jax.jit caches the
         # executable, so the first call below runs it without compiling again.
         start = time.perf_counter()
-        lowered = self.steps.train.lower(self.state, self.batch, self.rng)
+        lowered = built.steps.train.lower(built.state, built.batch, built.rng)
         lower_s = time.perf_counter() - start
         compiled = lowered.compile()
         compile_s = time.perf_counter() - start - lower_s
         analysis = compiled.memory_analysis()
-        temp_mb = None if analysis is None else analysis.temp_size_in_bytes / 2**20
         start = time.perf_counter()
-        self.state, metrics = self.steps.train(self.state, self.batch, self.rng)
-        jax.block_until_ready((self.state, metrics))
-        first = time.perf_counter() - start
-        return {"params": count_params(model), "first_step_s": first, "lower_s": lower_s,
-                "compile_s": compile_s, "xla_temp_mb": temp_mb,
-                "loss": unreplicate_metrics(metrics, self.steps)["loss"]}
+        built.state, metrics = built.steps.train(built.state, built.batch, built.rng)
+        jax.block_until_ready((built.state, metrics))
+        return {"params": self.api.count_params(built.model), "lower_s": lower_s,
+                "first_step_s": time.perf_counter() - start, "compile_s": compile_s,
+                "xla_temp_mb": analysis and analysis.temp_size_in_bytes / 2**20,
+                "loss": self.api.unreplicate_metrics(metrics, built.steps)["loss"]}
 
-    def run(self, n: int) -> tuple[float, float | None]:
-        """Seconds for ``n`` steps, each step's metrics read once the next one is dispatched (as
-        the trainer does), and the share of the CPUs other processes used meanwhile."""
+    def _steps(self, n: int) -> None:
+        """``n`` steps, each step's metrics read once the next one is dispatched (as the trainer
+        does)."""
         import jax
 
-        from jaxtricks.lm.step import unreplicate_metrics
-
-        metrics = None
-        with OthersShare() as others:
-            start = time.perf_counter()
-            for _ in range(n):
-                pending = metrics
-                self.state, metrics = self.steps.train(self.state, self.batch, self.rng)
-                if pending is not None:
-                    unreplicate_metrics(pending, self.steps)
-            jax.block_until_ready((self.state, metrics))
-            seconds = time.perf_counter() - start
-        _count_usage(others, seconds, n)
-        return seconds, others.share
+        b, metrics = self.built, None
+        for _ in range(n):
+            pending = metrics
+            b.state, metrics = b.steps.train(b.state, b.batch, b.rng)
+            if pending is not None:
+                self.api.unreplicate_metrics(pending, b.steps)
+        jax.block_until_ready((b.state, metrics))
 
     def matmul(self, size: int, n: int) -> tuple[float, float | None]:
         """Seconds per ``(size, size) @ (size, size)`` float32 matmul (median of ``n``), and
@@ -282,66 +198,19 @@ class JaxBench(_StepBench):
             a, b = jax.random.normal(jax.random.key(1), (2, size, size), jnp.float32)
             f = jax.jit(jnp.matmul)
             f(a, b).block_until_ready()
-            self._matmul = (size, f, a, b)
-        _, f, a, b = self._matmul
-        times = []
-        with OthersShare() as others:
-            for _ in range(n):
-                start = time.perf_counter()
-                f(a, b).block_until_ready()
-                times.append(time.perf_counter() - start)
-        return median(times), others.share
+            self._matmul = (size, lambda: f(a, b).block_until_ready())
+        return _timed(self._matmul[1], n)
 
-    def _build_parts(self):
-        """Forward, forward+backward and the optimizer update, each jitted on its own."""
-        import jax
-        import optax
-        from flax import nnx
 
-        from jaxtricks.lm.step import cross_entropy
-
-        graphdef, rest, batch, optimizer = self.graphdef, self.rest, self.batch, self.optimizer
-
-        def loss_fn(params):
-            model = nnx.merge(graphdef, params, rest)
-            return cross_entropy(model(batch["inputs"], dropout_rng=self.rng), batch["targets"])
-
-        def update(grads, opt_state, params):
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state
-
-        fwd = jax.jit(loss_fn)
-        fwd_bwd = jax.jit(jax.value_and_grad(loss_fn))
-        upd = jax.jit(update)
-        params, opt_state = self.state.params, self.state.opt_state
-        _, grads = jax.block_until_ready(fwd_bwd(params))
-        jax.block_until_ready((fwd(params), upd(grads, opt_state, params)))
-        self._parts = (fwd, fwd_bwd, upd, grads)
-
-    def breakdown(self, n: int) -> tuple[dict, float | None]:
-        """Median milliseconds of forward, backward (= fwd+bwd - fwd), optimizer, full step."""
-        import jax
-
-        if self._parts is None:
-            self._build_parts()
-        fwd, fwd_bwd, upd, grads = self._parts
-        params, opt_state = self.state.params, self.state.opt_state
-
-        def timed(fn):
-            times = []
-            for _ in range(n):
-                start = time.perf_counter()
-                jax.block_until_ready(fn())
-                times.append(time.perf_counter() - start)
-            return 1e3 * median(times)
-
-        with OthersShare() as others:
-            t_fwd = timed(lambda: fwd(params))
-            t_fwd_bwd = timed(lambda: fwd_bwd(params))
-            t_upd = timed(lambda: upd(grads, opt_state, params))
-            t_step = 1e3 * median([self.run(1)[0] for _ in range(n)])
-        return {"forward": t_fwd, "backward": t_fwd_bwd - t_fwd, "optimizer": t_upd,
-                "step": t_step}, others.share
+def _timed(fn, n: int) -> tuple[float, float | None]:
+    """Median seconds of ``n`` calls of ``fn``, and the share of the CPUs others used meanwhile."""
+    times = []
+    with OthersShare() as others:
+        for _ in range(n):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return median(times), others.share
 
 
 # --------------------------------------------------------------------------- PyTorch worker
@@ -406,21 +275,23 @@ class TorchBench(_StepBench):
     def __init__(self, spec: dict | None = None):
         import torch
 
-        self.threads = os.cpu_count()
-        torch.set_num_threads(self.threads)  # all cores, as XLA's CPU client uses
+        del spec  # load() takes it
+        torch.set_num_threads(os.cpu_count())  # all cores, as XLA's CPU client uses
         self.baseline_mb = max_rss_mb()
         self._matmul = None
-        if spec is not None:
-            self.load(spec)
 
     def load(self, spec: dict) -> dict:
         import torch
 
         o = spec["optimizer"]
-        if o["name"] != "adamw" or o["schedule"] != "cosine" or o["l1"] or o["l2"]:
-            raise ValueError(f"the PyTorch twin implements adamw + cosine only, not {o}")
+        m = spec["model"]
+        if o["name"] != "adamw" or o["schedule"] != "cosine" or o["l1"] or o["l2"] or m.get(
+                "position", "learned") != "learned" or m.get("dropout") or m["dtype"] != "float32":
+            raise ValueError(f"the PyTorch twin implements float32, learned positions, no "
+                             f"dropout, adamw + cosine only, not {m}, {o}")
         torch.manual_seed(0)
-        self.model = _torch_gpt()(**spec["model"])
+        self.model = _torch_gpt()(**{k: m[k] for k in (
+            "vocab_size", "num_layers", "d_model", "num_heads", "d_ff", "max_seq_len")})
         self.opt = torch.optim.AdamW(  # PyTorch's defaults otherwise (foreach/fused: None)
             self.model.parameters(), lr=o["learning_rate"], betas=(o["b1"], o["b2"]),
             eps=o["eps"], weight_decay=o["weight_decay"],
@@ -435,44 +306,31 @@ class TorchBench(_StepBench):
             return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * t))
 
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, cosine)
-        tokens = torch.from_numpy(_tokens(spec)).long()
-        self.inputs, self.targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+        ids = torch.from_numpy(common.tokens(m["vocab_size"], spec["batch"], spec["seq"])).long()
+        self.inputs, self.targets = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
         start = time.perf_counter()
         loss = self._step()
         first = time.perf_counter() - start
         params = sum(p.numel() for p in self.model.parameters())
-        return {"params": params, "first_step_s": first, "loss": float(loss),
-                "threads": torch.get_num_threads()}
+        return {"params": params, "first_step_s": first, "loss": float(loss)}
 
-    def _forward(self):
+    def _step(self):
+        import torch
         import torch.nn.functional as F
 
         logits = self.model(self.inputs)  # (batch, seq, vocab)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), self.targets.reshape(-1))
-
-    def _update(self):
-        import torch
-
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), self.targets.reshape(-1))
+        loss.backward()
         if self.clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_norm)
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
-
-    def _step(self):
-        loss = self._forward()
-        loss.backward()
-        self._update()
         return loss.detach()
 
-    def run(self, n: int) -> tuple[float, float | None]:
-        with OthersShare() as others:
-            start = time.perf_counter()
-            for _ in range(n):
-                self._step()
-            seconds = time.perf_counter() - start
-        _count_usage(others, seconds, n)
-        return seconds, others.share
+    def _steps(self, n: int) -> None:
+        for _ in range(n):
+            self._step()
 
     def matmul(self, size: int, n: int) -> tuple[float, float | None]:
         import torch
@@ -480,30 +338,8 @@ class TorchBench(_StepBench):
         if self._matmul is None or self._matmul[0] != size:
             a, b = torch.randn(size, size), torch.randn(size, size)
             a @ b
-            self._matmul = (size, a, b)
-        _, a, b = self._matmul
-        times = []
-        with OthersShare() as others:
-            for _ in range(n):
-                start = time.perf_counter()
-                a @ b
-                times.append(time.perf_counter() - start)
-        return median(times), others.share
-
-    def breakdown(self, n: int) -> tuple[dict, float | None]:
-        parts = {"forward": [], "backward": [], "optimizer": [], "step": []}
-        with OthersShare() as others:
-            for _ in range(n):  # eager CPU PyTorch is synchronous: wall time per phase is exact
-                t0 = time.perf_counter()
-                loss = self._forward()
-                t1 = time.perf_counter()
-                loss.backward()
-                t2 = time.perf_counter()
-                self._update()
-                t3 = time.perf_counter()
-                for key, value in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t3 - t0), strict=True):
-                    parts[key].append(value)
-        return {k: 1e3 * median(v) for k, v in parts.items()}, others.share
+            self._matmul = (size, lambda: a @ b)
+        return _timed(self._matmul[1], n)
 
 
 # --------------------------------------------------------------------------- the parent
@@ -537,23 +373,24 @@ def _steps_per_block(step_s: float, block_s: float) -> int:
     return max(2, round(block_s / max(step_s, 1e-6)))
 
 
-def _start_workers(spec: dict | None, with_torch: bool, variants: tuple[str, ...] = (),
-                   xla_flags: tuple[str, ...] = ()) -> tuple[dict, dict]:
-    """A JAX worker, one per variant and per set of XLA flags, and (maybe) a PyTorch worker,
+def _start_workers(rows: dict, spec: dict | None, with_torch: bool) -> tuple[dict, dict]:
+    """A worker per row (``rows``: name -> JaxBench keywords) and (maybe) a PyTorch worker,
     started one after the other so that each one's compile / first step is timed without another
-    starting up."""
-    kinds = [("JAX", JaxBench)]
-    kinds += [(f"JAX, {v}", functools.partial(JaxBench, variant=v)) for v in variants]
-    kinds += [(f"JAX, XLA_FLAGS={f}", functools.partial(JaxBench, xla_flags=f))
-              for f in xla_flags]
+    starting up. A variant's overrides are added to ``spec``'s."""
+    kinds = {}
+    for name, kwargs in rows.items():
+        env, overrides = kwargs.get("env"), kwargs.get("overrides", [])
+        row_spec = spec and {**resolve(spec["overrides"] + overrides),
+                             "model_kwargs": kwargs.get("model", {})}
+        kinds[name] = (functools.partial(JaxBench, env=env, path=kwargs.get("path")), row_spec)
     if with_torch:
-        kinds.append(("PyTorch", TorchBench))
+        kinds["PyTorch"] = (TorchBench, spec)
     workers, info = {}, {}
     try:
-        for name, factory in kinds:
-            workers[name] = Worker(factory, None)
-            if spec is not None:
-                info[name] = workers[name].call("load", spec)
+        for name, (factory, row_spec) in kinds.items():
+            workers[name] = Worker(factory, row_spec)
+            if row_spec is not None:
+                info[name] = workers[name].call("load", row_spec)
     except BaseException:
         for w in workers.values():
             w.close()
@@ -562,26 +399,26 @@ def _start_workers(spec: dict | None, with_torch: bool, variants: tuple[str, ...
 
 
 def section_step(args, models: dict, with_torch: bool) -> str:
-    """Throughput, share of the matmul peak, compile time and memory; optionally the breakdown."""
+    """Throughput, share of the matmul peak, compile time and memory of every row."""
     from jaxtricks.lm.config import ModelConfig
     from jaxtricks.lm.model import flops_per_token
 
-    rows, notes, breakdown_rows = [], [], []
-    for label, (arch, batch, seq) in models.items():
-        spec = make_spec(arch, batch, seq, args.optimizer)
+    rows, notes = [], []
+    for label, spec in models.items():
+        batch, seq = spec["batch"], spec["seq"]
         flops = flops_per_token(ModelConfig(**spec["model"]), seq)
         # Fresh workers per model: each one's ru_maxrss is this model's peak memory.
-        workers, info = _start_workers(spec, with_torch, args.variants, args.xla_flags)
+        workers, info = _start_workers(args.rows, spec, with_torch)
         # The matmul runs in a JAX process of its own: run in the "JAX" worker between its
-        # blocks, it slowed that worker's steps (A/A runs of the tiny model: 1.03x the time of
-        # the same step in a second worker), biasing every ratio against the "JAX" row.
+        # blocks, it slowed that worker's steps (A/A runs: 1.03x the time of the same step in a
+        # second worker), biasing every ratio against the "JAX" row.
         peak_worker = None
         try:
             peak_worker = Worker(JaxBench, None)
-            per_block, warm_s = {}, {}
+            per_block = {}
             for name, w in workers.items():  # warm up (two steps in flight, as in the blocks);
-                warm_s[name] = w.call("run", 2)[0] / 2  # size the blocks from compiled steps
-                per_block[name] = _steps_per_block(warm_s[name], args.block_seconds)
+                step_s = w.call("run", 2)[0] / 2  # size the blocks from compiled steps
+                per_block[name] = _steps_per_block(step_s, args.block_seconds)
             peak_worker.call("matmul", args.matmul, 1)  # compile the matmul outside the loop
             for w in workers.values():
                 w.call("usage")  # count the timed blocks only
@@ -596,13 +433,6 @@ def section_step(args, models: dict, with_torch: bool) -> str:
             memory = {name: w.call("memory") for name, w in workers.items()}
             used = {name: w.call("usage") for name, w in workers.items()}
             torch_mm = workers["PyTorch"].call("matmul", args.matmul, 3)[0] if with_torch else None
-            if "breakdown" in args.sections:  # of JAX and PyTorch (not of the variants)
-                # Each call times every phase n times (about one block of wall time in all).
-                pair = {k: w for k, w in workers.items() if k in ("JAX", "PyTorch")}
-                n = _steps_per_block(2 * max(warm_s[k] for k in pair), args.block_seconds)
-                parts = _interleaved(pair, lambda _, w, n=n: w.call("breakdown", n), 3,
-                                     args.max_others)
-                breakdown_rows += _breakdown_rows(label, parts, args.max_others)
         finally:
             for w in [*workers.values(), peak_worker]:
                 if w is not None:
@@ -614,10 +444,9 @@ def section_step(args, models: dict, with_torch: bool) -> str:
             kept[name] = f"{len(_clean(blocks, args.max_others))}/{len(blocks)}"
         all_blocks = [v for blocks in timings.values() for v in _usable(blocks, args.max_others)]
         peak = 2 * args.matmul**3 / median([mm for _, mm in all_blocks])
-        if changed := [name for name in workers if name not in ("JAX", "PyTorch")]:
-            gains = [f"{name.removeprefix('JAX, ')} {step_s[name] / step_s['JAX']:.2f}x"
-                     for name in changed]
-            notes.append(f"{label}: the variant's step time / JAX's: " + ", ".join(gains))
+        if others := [name for name in workers if name not in ("JAX", "PyTorch")]:
+            notes.append(f"{label}: the row's step time / JAX's: " + ", ".join(
+                f"{name} {step_s[name] / step_s['JAX']:.2f}x" for name in others))
         notes.append(f"{label}: each process's own CPU use over its timed blocks: " + "; ".join(
             f"{name} {u['cpu_s'] / u['wall_s']:.2f} cores, {u['sys_s'] / u['steps']:.3f} s of it "
             f"system time and {u['minor_faults'] / u['steps']:,.0f} minor page faults per step"
@@ -645,44 +474,27 @@ def section_step(args, models: dict, with_torch: bool) -> str:
                 f"{1e3 * step_s[name]:.0f}", f"{tok_s:,.0f}", vs_torch,
                 f"{achieved / 1e9:.1f}", f"{100 * achieved / peak:.0f}%", first,
                 f"{mem['peak_rss_mb']:.0f} (+{mem['peak_rss_mb'] - mem['baseline_mb']:.0f}{temp})",
+                f"{i['loss']:.4f}",
             ])
-    out = [markdown_table(
+    return "\n".join([markdown_table(
         ["model", "params", "batch x seq", "framework", "step ms", "tokens/s",
          "JAX / PyTorch tokens/s", "GFLOP/s", "of matmul peak",
-         "compile s: trace+lower + XLA (PyTorch: first step)", "peak RSS MB (+ over imports)"],
+         "compile s: trace+lower + XLA (PyTorch: first step)", "peak RSS MB (+ over imports)",
+         "first step's loss"],
         rows,
-    ), ""] + [f"- {n}" for n in notes]
-    if breakdown_rows:
-        headers = ["model", "phase", "JAX ms"] + (["PyTorch ms", "JAX / PyTorch time"]
-                                                  if with_torch else [])
-        out += ["", markdown_table(headers, breakdown_rows)]
-    return "\n".join(out)
+    ), ""] + [f"- {n}" for n in notes])
 
 
-def _breakdown_rows(label: str, parts: dict, max_others: float) -> list[list[str]]:
-    rows = []
-    for phase in ("forward", "backward", "optimizer", "step"):
-        ms = {name: median([p[phase] for p in _usable(blocks, max_others)])
-              for name, blocks in parts.items()}
-        row = [label, phase] + [f"{value:.1f}" for value in ms.values()]
-        if "PyTorch" in ms:
-            row += [f"{ms[name] / ms['PyTorch']:.2f}" for name in ms if name != "PyTorch"]
-        rows.append(row)
-    return rows
-
-
-def section_scaling(args, base: tuple[dict, int, int], with_torch: bool) -> str:
+def section_scaling(args, base: list[str], with_torch: bool) -> str:
     """Step time vs sequence length (tokens per batch fixed) and vs width (batch fixed)."""
-    arch, batch, seq = base
-    tokens = batch * seq
-    seq_specs = [(f"seq {s}", make_spec(arch, tokens // s, s, args.optimizer))
+    spec = resolve(base)
+    tokens_per_batch, heads = spec["batch"] * spec["seq"], spec["model"]["num_heads"]
+    seq_specs = [(f"seq {s}", resolve(base + [f"train.batch_size={tokens_per_batch // s}",
+                                              f"data.seq_len={s}", f"model.max_seq_len={s}"]))
                  for s in args.seq_lens]
-    width_specs = [
-        (f"d_model {d}", make_spec({**arch, "d_model": d, "d_ff": 4 * d}, batch, seq,
-                                   args.optimizer))
-        for d in args.widths
-    ]
-    workers, _ = _start_workers(None, with_torch)  # reused: one model after the other
+    width_specs = [(f"d_model {d}", resolve(base + [f"model.d_model={d}", f"model.d_ff={4 * d}"]))
+                   for d in args.widths if d % heads == 0]
+    workers, _ = _start_workers({"JAX": {}}, None, with_torch)  # reused: one model after another
     try:
         tables = []
         for title, specs in (("sequence length", seq_specs), ("width", width_specs)):
@@ -719,116 +531,85 @@ def section_scaling(args, base: tuple[dict, int, int], with_torch: bool) -> str:
     return "\n\n".join(tables)
 
 
-def _with_xla_flags(flags: str) -> str:
-    """XLA_FLAGS as it is in this process's environment, with ``flags`` added."""
-    return f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
-
-
-def _xla_flags_problem(flags: str) -> str | None:
-    """Why XLA will not start with ``flags`` added to XLA_FLAGS (it aborts the process on an
-    unknown flag or value, so this is tried in a subprocess first), or None."""
-    import subprocess
-
-    env = {**os.environ, "XLA_FLAGS": _with_xla_flags(flags)}
-    proc = subprocess.run(
-        [sys.executable, "-c", "import jax; jax.jit(lambda x: x + 1)(1.0).block_until_ready()"],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
-    if proc.returncode == 0:
-        return None
-    logged = re.findall(r"^[EF]\d{4} [^\]]*\] (.*)$", proc.stderr, re.MULTILINE)  # glog lines
-    lines = logged or proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"]
-    return lines[0]
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="a tiny model and few repetitions: a smoke test of the script")
-    parser.add_argument("--sections", default="step,breakdown,scaling",
-                        help="comma-separated: step, breakdown, scaling (default: all)")
-    parser.add_argument("--models", default="tiny,small",
-                        help=f"comma-separated from {', '.join(MODELS)}, default")
+    parser.add_argument("--sections", default="step,scaling",
+                        help="comma-separated: step, scaling (default: both)")
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help=f"comma-separated from {', '.join(MODELS)} (default: all)")
     parser.add_argument("--no-torch", action="store_true", help="JAX only")
-    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                        help="comma-separated 'JAX, <variant>' rows, each the step with one "
-                             f"setting changed: {', '.join(VARIANTS)}; all, or none (default: "
-                             f"{', '.join(DEFAULT_VARIANTS)})")
-    parser.add_argument("--xla-flags", action="append", default=[], metavar="FLAGS",
-                        help="a 'JAX, XLA_FLAGS=FLAGS' row: the step with these XLA flags added "
-                             "to XLA_FLAGS; write it with '=', as in --xla-flags="
-                             "--xla_cpu_enable_fast_math=true (repeat for more rows)")
-    parser.add_argument("--reps", type=int, default=5, help="interleaved A/B repetitions")
+    parser.add_argument("--variant", action="append", default=[], metavar="SPEC",
+                        help="a 'JAX, SPEC' row: SPEC is space-separated key=value config "
+                             "overrides and CAPITALS=value environment variables, e.g. "
+                             "'cpu_devices=2' or 'JAXTRICKS_HOST_MALLOC=default' (repeat it)")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="a 'JAX at DIR' row: the same step of the jaxtricks checkout in DIR")
+    parser.add_argument("--reps", type=int, default=15, help="interleaved A/B repetitions")
     parser.add_argument("--scaling-reps", type=int, default=3)
     parser.add_argument("--block-seconds", type=float, default=2.0,
                         help="wall time of one timed block of steps")
     parser.add_argument("--max-others", type=float, default=0.1,
                         help="set aside blocks during which other processes used more than this "
                              "share of the CPUs (and run more, up to 3x --reps rounds)")
-    parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
-                        help="first wait up to this long for the machine to be quiet")
     args = parser.parse_args(argv)
 
     args.sections = set(args.sections.split(","))
-    named = {"none": (), "all": tuple(VARIANTS)}
-    args.variants = named.get(args.variants, tuple(args.variants.split(",")))
-    if unknown := set(args.variants) - set(VARIANTS):
-        parser.error(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(VARIANTS)}, "
-                     "all or none")
-    args.xla_flags = tuple(args.xla_flags)
-    if len(set(args.xla_flags)) < len(args.xla_flags):
-        parser.error(f"--xla-flags: each row needs its own flags; given {list(args.xla_flags)}")
-    for flags in args.xla_flags:
-        if problem := _xla_flags_problem(flags):
-            parser.error(f"--xla-flags {flags!r}: XLA refused it: {problem}")
-    unknown = args.sections - {"step", "breakdown", "scaling"}
-    if unknown:
+    if unknown := args.sections - {"step", "scaling"}:
         parser.error(f"unknown sections {sorted(unknown)}")
-    args.optimizer = default_optimizer()
+    args.rows = {"JAX": {}}
+    for spec in args.variant:
+        try:
+            env, overrides, model = parse_variant(spec)
+            resolve(overrides)
+        except ValueError as e:  # the config's ConfigError included
+            parser.error(f"--variant {spec!r}: {e}")
+        if f"JAX, {spec}" in args.rows:
+            parser.error(f"--variant {spec!r} given twice")
+        args.rows[f"JAX, {spec}"] = {"env": env, "overrides": overrides, "model": model}
+    if args.baseline:
+        if not os.path.isfile(os.path.join(args.baseline, "jaxtricks", "__init__.py")):
+            parser.error(f"--baseline {args.baseline!r}: no jaxtricks package there")
+        args.rows[f"JAX at {checkout_name(args.baseline)}"] = {"path": args.baseline}
     if args.quick:
-        models = QUICK_MODELS
+        models = {"quick": resolve(QUICK)}
         args.matmul, args.seq_lens, args.widths = 128, [16, 32], [32, 64]
         args.reps, args.scaling_reps, args.block_seconds = 2, 2, 0.05
     else:
-        known = {**MODELS, "default": default_model()}
         for name in args.models.split(","):
-            if name not in known:
-                parser.error(f"--models: unknown model {name!r}; choose from {', '.join(known)}")
-        models = {name: known[name] for name in args.models.split(",")}
+            if name not in MODELS:
+                parser.error(f"--models: unknown model {name!r}; choose from {', '.join(MODELS)}")
+        models = {name: resolve(MODELS[name]) for name in args.models.split(",")}
         args.matmul, args.seq_lens, args.widths = 2048, [128, 256, 512, 1024], [128, 256, 384, 512]
     with_torch = not args.no_torch and importlib.util.find_spec("torch") is not None
 
-    from common import machine_line, wait_for_quiet
+    from common import machine_line
 
-    if args.wait_quiet > 0:
-        print(wait_for_quiet(args.wait_quiet, args.max_others))
     print(f"machine: {machine_line()}")
     print(f"threads: XLA's CPU client default (all {os.cpu_count()} cores)"
           + (f"; torch.set_num_threads({os.cpu_count()})" if with_torch else
              "; PyTorch: not measured"))
-    o = args.optimizer
+    o = next(iter(models.values()))["optimizer"]
     print(f"optimizer (configs/default.yaml): {o['name']} lr {o['learning_rate']} "
           f"betas ({o['b1']}, {o['b2']}) eps {o['eps']} wd {o['weight_decay']}, clip "
           f"{o['clip_norm']}, {o['schedule']} schedule, skip_nonfinite {o['skip_nonfinite']} "
           "(JAX only)")
-    if args.sections & {"step", "breakdown"}:
-        print("'JAX': the step as train.py runs it (tune_host_malloc() called first)"
-              + "".join(f"; 'JAX, {v}': {VARIANTS[v]}" for v in args.variants)
-              + "".join(f"; 'JAX, XLA_FLAGS={f}': with {f} added to XLA_FLAGS"
-                        for f in args.xla_flags))
+    print(f"rows: {'; '.join(args.rows)}" + ("; PyTorch" if with_torch else ""))
     print(f"medians of {args.reps} interleaved A/B blocks (blocks during which other processes "
           f"used >= {args.max_others:.0%} of the CPUs are set aside and rerun, up to "
           f"{3 * args.reps} rounds); synthetic random tokens\n")
     start = time.perf_counter()
-    if args.sections & {"step", "breakdown"}:
+    if "step" in args.sections:
         print("## Training step\n")
         print(section_step(args, models, with_torch) + "\n")
     if "scaling" in args.sections:
-        base = next(iter(models.values())) if args.quick else MODELS["tiny"]
-        arch, batch, seq = base
-        print(f"## Scaling ({arch['num_layers']} layers, {arch['num_heads']} heads, d_ff = 4 "
-              f"d_model; sequence rows: d_model {arch['d_model']}, {batch * seq:,} tokens per "
-              f"batch; width rows: batch {batch} x {seq})\n")
+        base = QUICK if args.quick else MODELS["tiny"]
+        spec = resolve(base)
+        m = spec["model"]
+        print(f"## Scaling ({m['num_layers']} layers, {m['num_heads']} heads, d_ff = 4 d_model; "
+              f"sequence rows: d_model {m['d_model']}, {spec['batch'] * spec['seq']:,} tokens "
+              f"per batch; width rows: batch {spec['batch']} x {spec['seq']})\n")
         print(section_scaling(args, base, with_torch) + "\n")
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"total wall time {time.perf_counter() - start:.0f} s; load average at the end {load}")

@@ -7,13 +7,16 @@ framework it measures, so its peak memory is that framework's alone.
 from __future__ import annotations
 
 import datetime
+import importlib
 import importlib.metadata
 import multiprocessing
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import traceback
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -47,27 +50,6 @@ def machine_line(packages: Sequence[str] = ("jax", "flax", "optax", "torch")) ->
 
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
-
-
-def median_seconds(fn: Callable[[], Any], n: int) -> float:
-    """Median seconds of ``n`` calls of ``fn`` (which must wait for its result), after one
-    untimed call to compile or warm up."""
-    return busy_seconds(fn, n)[0]
-
-
-def busy_seconds(fn: Callable[[], Any], n: int) -> tuple[float, float]:
-    """``median_seconds(fn, n)`` and the cores the process kept busy meanwhile: its CPU time
-    (``OthersShare.own_cpu_s``: user and system, all threads) over the wall time of the calls."""
-    import time
-
-    fn()
-    times = []
-    with OthersShare() as block:
-        for _ in range(n):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return median(times), block.own_cpu_s / sum(times)
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -139,32 +121,6 @@ class OthersShare:
         self.share = max(0.0, busy - own) / total if total > 0 else None
 
 
-def others_busy(seconds: float = 1.0) -> float | None:
-    """Share of the CPUs used by other processes over the next ``seconds``."""
-    import time
-
-    with OthersShare() as meter:
-        time.sleep(seconds)
-    return meter.share
-
-
-def wait_for_quiet(max_wait_s: float, threshold: float = 0.1, window_s: int = 5) -> str:
-    """Wait (up to ``max_wait_s``) until others use < ``threshold`` of the CPUs for ``window_s``
-    seconds in a row; return a line saying how long it waited and whether it got quiet."""
-    import time
-
-    start, quiet = time.perf_counter(), 0
-    while time.perf_counter() - start < max_wait_s:
-        share = others_busy(1.0)
-        if share is None:
-            return "no /proc/stat: did not check the machine's load"
-        quiet = quiet + 1 if share < threshold else 0
-        if quiet >= window_s:
-            return f"machine quiet (others < {threshold:.0%} CPU for {window_s} s) after " \
-                   f"{time.perf_counter() - start:.0f} s"
-    return f"machine NOT quiet after waiting {max_wait_s:.0f} s: figures may be contended"
-
-
 # --------------------------------------------------------------------------- worker processes
 
 
@@ -215,11 +171,6 @@ class Worker:
             raise WorkerError(value)
         return value
 
-    @property
-    def pid(self) -> int:
-        """The worker process's id (e.g. to attach a profiler to it)."""
-        return self._proc.pid
-
     def call(self, name: str, *args: Any) -> Any:
         self._conn.send((name, args))
         return self._result()
@@ -236,8 +187,81 @@ class Worker:
                 self._proc.join()
         self._conn.close()
 
-    def __enter__(self) -> Worker:
-        return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+# --------------------------------------------------------------------------- the trainer's step
+
+# Where each name the step benchmarks use lives: ``jaxtricks.lm`` since the library and the
+# trainer were split, ``jaxtricks`` before (so that ``bench_step.py --baseline`` can run the step
+# of an older checkout). The first module that has the name wins.
+TRAINER_NAMES = {
+    "load": ("lm.config", "config"),
+    "optimizer_from_config": ("lm.config", "optimizer"),
+    "Transformer": ("lm.model", "model"),
+    "count_params": ("lm.model", "model"),
+    "flops_per_token": ("lm.model", "model"),
+    "TrainState": ("lm.step", "step"),
+    "make_steps": ("lm.step", "step"),
+    "unreplicate_metrics": ("lm.step", "step"),
+    "tune_host_malloc": ("lm.cpu", "lm.step", "step"),
+    "use_cpu_devices": ("lm.cpu", "lm.step", "step"),
+}
+
+
+def trainer(path: str | None = None, package: str = "jaxtricks") -> types.SimpleNamespace:
+    """The trainer's names of ``TRAINER_NAMES``, from whichever of its modules has them.
+
+    ``path``: import ``package`` from the checkout there (put first on ``sys.path``); nothing of
+    it may have been imported in this process yet, or the import would not be that checkout's.
+    """
+    if path is not None:
+        if package in sys.modules:
+            where = sys.modules[package].__file__
+            raise RuntimeError(f"{package} is already imported (from {where})")
+        sys.path.insert(0, os.path.abspath(path))
+    found = {}
+    for name, modules in TRAINER_NAMES.items():
+        for module in (f"{package}.{m}" for m in modules):
+            try:
+                found_in = importlib.import_module(module)
+            except ModuleNotFoundError as e:
+                if not module.startswith(e.name or "?"):  # a dependency is missing: say so
+                    raise
+                continue
+            if hasattr(found_in, name):
+                found[name] = getattr(found_in, name)
+                break
+        else:
+            raise ImportError(f"none of {package}'s modules {', '.join(modules)} has {name}")
+    origin = os.path.dirname(os.path.dirname(sys.modules[package].__file__))
+    if path is not None and os.path.realpath(origin) != os.path.realpath(path):
+        raise ImportError(f"{package} was imported from {origin}, not from {path}")
+    return types.SimpleNamespace(origin=origin, **found)
+
+
+def tokens(vocab_size: int, batch: int, seq: int):
+    """One batch of synthetic random token ids, ``(batch, seq + 1)``: inputs and shifted targets."""
+    import numpy as np
+
+    return np.random.default_rng(0).integers(0, vocab_size, (batch, seq + 1), dtype=np.int32)
+
+
+def build_step(api: types.SimpleNamespace, config, total_steps: int, parallelism: str | None = None,
+               batch_size: int | None = None, **model_kwargs: Any) -> types.SimpleNamespace:
+    """``config``'s model (``model_kwargs``: more arguments of its constructor), optimizer and
+    jitted train step, built as ``training.run`` builds them (``api``: :func:`trainer`), with the
+    step-0 state and one batch of :func:`tokens` placed as the step takes them."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    model = api.Transformer(config.model, rngs=nnx.Rngs(config.train.seed), **model_kwargs)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    optimizer = api.optimizer_from_config(config.optimizer, total_steps)
+    t = config.train
+    steps = api.make_steps(graphdef, rest, optimizer, parallelism or config.parallelism,
+                           microbatches=t.microbatches, unroll_microbatches=t.unroll_microbatches)
+    state = steps.put_state(api.TrainState(jnp.int32(0), params, optimizer.init(params)))
+    ids = tokens(config.model.vocab_size, batch_size or t.batch_size, config.data.seq_len)
+    batch = steps.put_batch({"inputs": ids[:, :-1], "targets": ids[:, 1:]})
+    return types.SimpleNamespace(model=model, steps=steps, state=state, batch=batch,
+                                 rng=jax.random.key(0))
