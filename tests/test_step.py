@@ -19,6 +19,13 @@ TINY = ["model.num_layers=2", "model.d_model=32", "model.num_heads=2", "model.d_
         "optimizer.warmup_steps=0"]
 
 
+# tests/test_training.py's tiny run: the same train step, which the session's compilation cache
+# (tests/conftest.py) then compiles once for both.
+TRAINING_TINY = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.d_ff=64",
+                 "model.max_seq_len=32", "data.seq_len=32", "train.batch_size=8",
+                 "train.steps=6", "optimizer.warmup_steps=0"]
+
+
 def _setup(overrides=(), parallelism="single"):
     config = config_lib.load(None, TINY + list(overrides))
     _, graphdef, rest, optimizer, state = init(config)
@@ -41,18 +48,18 @@ def test_cross_entropy_matches_numpy():
 
 
 def test_metrics_and_no_recompilation(compile_log):
-    config, steps, state = _setup()
+    config, steps, state = _setup(TRAINING_TINY)
     state = steps.put_state(state)
     rng = jax.random.key(0)
     with compile_log:
-        state, metrics = steps.train(state, steps.put_batch(_batch(0)), rng)
+        state, metrics = steps.train(state, steps.put_batch(_batch(0, seq=32)), rng)
         assert compile_log.count("train_step") == 1, compile_log.names
         for key in ("loss", "learning_rate", "grad_norm", "clipped", "skipped", "skipped_step"):
             assert key in metrics, key
         assert int(state.step) == 1
         # The returned (donated, device-resident) state and new batches: nothing compiled again.
         for i in range(1, 4):
-            state, metrics = steps.train(state, steps.put_batch(_batch(i)), rng)
+            state, metrics = steps.train(state, steps.put_batch(_batch(i, seq=32)), rng)
         assert compile_log.count("train_step") == 1, compile_log.names
     assert steps.train._cache_size() == 1
     assert int(state.step) == 4 and np.isfinite(float(metrics["loss"]))
@@ -107,8 +114,8 @@ def _toy():
     return params, {"x": jnp.asarray(rng.normal(size=(12, 3)), jnp.float32)}
 
 
-@pytest.mark.parametrize("unroll", [False, True])
-@pytest.mark.parametrize("microbatches", [2, 3, 12])
+# Scanned and unrolled, an odd count, and one row per part.
+@pytest.mark.parametrize("microbatches, unroll", [(2, True), (3, False), (12, False)])
 def test_accumulated_gradients_are_the_whole_batch_mean(microbatches, unroll):
     params, batch = _toy()
     key = jax.random.key(7)
