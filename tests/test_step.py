@@ -19,8 +19,8 @@ TINY = ["model.num_layers=2", "model.d_model=32", "model.num_heads=2", "model.d_
         "optimizer.warmup_steps=0"]
 
 
-# tests/test_training.py's tiny run: the same train step, which the session's compilation cache
-# (tests/conftest.py) then compiles once for both.
+# tests/test_training.py's tiny run: the same train and eval steps, which the session's
+# compilation cache (tests/conftest.py) then compiles once for both.
 TRAINING_TINY = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.d_ff=64",
                  "model.max_seq_len=32", "data.seq_len=32", "train.batch_size=8",
                  "train.steps=6", "optimizer.warmup_steps=0"]
@@ -89,8 +89,8 @@ def test_eval_step_is_the_loss_without_dropout():
 
     from jaxtricks.lm.model import Transformer
 
-    config, steps, state = _setup(["model.dropout=0.5"])
-    batch = _batch(1)
+    config, steps, state = _setup([*TRAINING_TINY, "model.dropout=0.5"])
+    batch = _batch(1, seq=32)
     got = float(steps.eval(state.params, steps.put_batch(batch)))
     # The same parameters (same seed) in a model built without dropout, and numpy's loss.
     model = Transformer(dataclasses.replace(config.model, dropout=0.0),
