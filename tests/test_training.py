@@ -435,13 +435,14 @@ def test_an_unreadable_checkpoint_is_skipped_for_the_previous_one(tmp_path, data
             f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
     (workdir / "checkpoints" / "75.orbax-checkpoint-tmp-1").mkdir()
     capsys.readouterr()
-    assert train.main(_args(workdir, data_dir, steps=60)) == 0
+    assert train.main(_args(workdir, data_dir, "train.eval_every=20", steps=50)) == 0
     captured = capsys.readouterr()
     assert "unreadable" in captured.err
     assert "resumed from" in captured.out and "at step 25" in captured.out
-    assert "resuming with a changed config: train.steps: 50 -> 60" in captured.out
+    assert "resuming with a changed config: train.eval_every: 100 -> 20" in captured.out
     steps_logged = [m["step"] for m in _metrics(workdir) if "loss" in m]
-    assert steps_logged == list(range(1, 61))
+    assert steps_logged == list(range(1, 51))
+    assert [m["step"] for m in _metrics(workdir) if "val_loss" in m] == [40, 50]
 
 
 def _poison(monkeypatch, bad_steps):
@@ -496,13 +497,14 @@ def test_a_nonfinite_step_is_skipped_and_the_run_goes_on(tmp_path, data_dir, mon
 
 @pytest.mark.slow
 def test_too_many_nonfinite_steps_in_a_row_stop_the_run(tmp_path, data_dir, monkeypatch, capsys):
-    _poison(monkeypatch, bad_steps=set(range(30, 100)))
+    _poison(monkeypatch, bad_steps=set(range(6, 100)))
     workdir = tmp_path / "run"
-    assert train.main(_args(workdir, data_dir, "train.max_consecutive_skips=4", steps=60)) == 1
+    assert train.main(_args(workdir, data_dir, "train.max_consecutive_skips=4",
+                            "train.checkpoint_every=5", steps=10)) == 1
     err = capsys.readouterr().err
-    assert "stopped at step 33: 4 steps in a row had non-finite gradients" in err
-    assert "last finite loss" in err and "at step 29" in err
-    assert _checkpoint_steps(workdir) == [25]
+    assert "stopped at step 9: 4 steps in a row had non-finite gradients" in err
+    assert "last finite loss" in err and "at step 5" in err
+    assert _checkpoint_steps(workdir) == [5]  # none after the non-finite steps began
 
 
 @pytest.mark.slow
