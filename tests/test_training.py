@@ -110,16 +110,20 @@ def test_train_log_writes_every_nth_every_skipped_and_the_last_step(capsys):
     log = training.TrainLog(rows, training.Progress(10, 0), every=4, last_step=10,
                             throughput=throughput)
     for step in range(1, 11):
-        now[0] = float(step)  # each step ends one second after the last
+        now[0] = float(step**2)  # step s ends at time s^2: every window has its own rate
         log.record(step, {"loss": 1.0 / step, "learning_rate": 0.1,
                           "skipped_step": float(step == 6)})
     log.close()
     assert [step for step, _ in rows.rows] == [4, 6, 8, 10]
-    # The clock restarts after step 1 and at every 4th step; 10 tokens a step, a step a second.
-    assert [values["tokens_per_s"] for _, values in rows.rows] == [10.0, 10.0, 10.0, 10.0]
     assert rows.rows[1][1]["skipped_step"] == 1.0
+    # The clock starts when step 1 ends and restarts at every 4th step (not at skipped ones):
+    # windows 1-4, 4-6, 4-8 and 8-10, 10 tokens a step.
+    expected = [10 * 3 / (16 - 1), 10 * 2 / (36 - 16), 10 * 4 / (64 - 16), 10 * 2 / (100 - 64)]
+    assert [values["tokens_per_s"] for _, values in rows.rows] == pytest.approx(expected)
+    assert "flops_per_s" in rows.rows[0][1] and "mfu" not in rows.rows[0][1]  # no known peak
     lines = capsys.readouterr().out.splitlines()  # not a terminal: one plain line per row
-    assert lines == [f"step {s}/10: loss {1 / s:.3f}, lr 1.00e-01, tok_s 10" for s in (4, 6, 8, 10)]
+    assert lines == [f"step {s}/10: loss {1 / s:.3f}, lr 1.00e-01, tok_s {rate:,.0f}"
+                     for s, rate in zip((4, 6, 8, 10), expected, strict=True)]
 
 
 def test_nonfinite_guard_stops_after_max_in_a_row(tmp_path):
