@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import subprocess
 import sys
 
 import pytest
@@ -24,30 +23,19 @@ NUMBER = r"\d[\d,]*(?:\.\d+)?"
 RATIO = rf"\*\*{NUMBER}\*\* \({NUMBER}-{NUMBER}\)"
 
 
-def _run_quick(*args: str) -> str:
-    env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
+def _run_quick(python, *args: str) -> str:
+    """``bench_transforms.py --quick *args`` in a child Python (conftest's ``python`` fixture)."""
+    proc = python.run("benchmarks/bench_transforms.py", "--quick", *args, env={
         "XLA_FLAGS": "--xla_backend_optimization_level=0",
-    }
-    env.pop("JAXTRICKS_HOST_MALLOC", None)  # tune_host_malloc's opt-out
-    script = os.path.join(REPO, "benchmarks", "bench_transforms.py")
-    proc = subprocess.run(
-        [sys.executable, script, "--quick", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=REPO,
-        check=False,
-    )
+        "JAXTRICKS_HOST_MALLOC": "",  # not tune_host_malloc's opt-out, whatever the session has
+    })
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
 
 @pytest.mark.slow
-def test_bench_transforms_quick_prints_every_row():
-    out = _run_quick()
+def test_bench_transforms_quick_prints_every_row(python):
+    out = _run_quick(python)
     assert out.startswith("## Transforms")
     assert re.search(r"^- machine: .+, \d+ cores .*; JAX devices: ", out, re.M)
     assert "- host malloc: as it is (`--tune-host-malloc` not given)" in out
@@ -74,8 +62,8 @@ def test_bench_transforms_quick_prints_every_row():
 
 
 @pytest.mark.slow
-def test_bench_transforms_tune_host_malloc_in_header():
-    out = _run_quick("--sections", "check", "--tune-host-malloc")
+def test_bench_transforms_tune_host_malloc_in_header(python):
+    out = _run_quick(python, "--sections", "check", "--tune-host-malloc")
     glibc = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION") is not None
     if glibc:
         assert "- host malloc: `tune_host_malloc()` applied before JAX started" in out, out
@@ -85,14 +73,12 @@ def test_bench_transforms_tune_host_malloc_in_header():
 
 
 @pytest.mark.slow
-def test_bench_transforms_import_starts_no_jax_backend():
+def test_bench_transforms_import_starts_no_jax_backend(python):
     """--tune-host-malloc must run before JAX starts its backend (its threads keep their malloc
     arenas): nothing at the import of the script may create an array or ask for a device."""
     code = ("import sys; sys.path.insert(0, 'benchmarks'); import bench_transforms; "
             "from jax._src import xla_bridge; print(xla_bridge.backends_are_initialized())")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=REPO, check=False)
+    proc = python.run("-c", code)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "False", proc.stdout
 

@@ -32,11 +32,9 @@ NUMBER = r"[\d,]+(?:\.\d+)?"
 OLD_COMMIT = "cf55d55"  # the last commit with the trainer in jaxtricks/ (before jaxtricks/lm/)
 
 
-def _run(*args: str) -> str:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_backend_optimization_level=0"}
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=900,
-                          env=env, cwd=REPO, check=False)
+def _run(python, *args: str) -> str:
+    """``python *args`` in a child Python (conftest's ``python`` fixture); its standard output."""
+    proc = python.run(*args, env={"XLA_FLAGS": "--xla_backend_optimization_level=0"}, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 
@@ -67,12 +65,12 @@ def _positive(cell: str) -> float:
 
 
 @pytest.mark.slow
-def test_bench_step_quick_prints_every_row_and_table():
+def test_bench_step_quick_prints_every_row_and_table(python):
     variants = ["cpu_devices=2", "train.microbatches=2 train.unroll_microbatches=true",
                 "JAXTRICKS_HOST_MALLOC=default", "cpu_paths=false"]
     args = [arg for v in variants for arg in ("--variant", v)]
     # --baseline: this checkout again, run through the path given (an older commit: next test).
-    out = _run("benchmarks/bench_step.py", "--quick", *args, "--baseline", REPO)
+    out = _run(python, "benchmarks/bench_step.py", "--quick", *args, "--baseline", REPO)
 
     rows = _table(out, "model")
     baseline = rows[len(variants) + 1]["framework"]  # with the checkout's commit, from git
@@ -119,14 +117,14 @@ def test_bench_step_quick_prints_every_row_and_table():
 
 
 @pytest.mark.slow
-def test_bench_step_baseline_runs_an_older_checkout(tmp_path):
+def test_bench_step_baseline_runs_an_older_checkout(python, tmp_path):
     """--baseline with the trainer's old layout (jaxtricks.model, jaxtricks.step, ...)."""
     archive = subprocess.run(["git", "-C", REPO, "archive", OLD_COMMIT, "jaxtricks", "configs"],
                              capture_output=True, check=False)
     if archive.returncode != 0:
         pytest.skip(f"commit {OLD_COMMIT} is not in this checkout's history")
     subprocess.run(["tar", "-x", "-C", str(tmp_path)], input=archive.stdout, check=True)
-    out = _run("benchmarks/bench_step.py", "--quick", "--no-torch", "--sections", "step",
+    out = _run(python, "benchmarks/bench_step.py", "--quick", "--no-torch", "--sections", "step",
                "--baseline", str(tmp_path))
     jax_row, old_row = _table(out, "model")
     assert jax_row["framework"] == "JAX" and old_row["framework"] == f"JAX at {tmp_path}"
@@ -140,14 +138,14 @@ def test_bench_step_baseline_runs_an_older_checkout(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_gpu_mfu_quick_runs_on_cpu_without_the_data_libraries():
+def test_bench_gpu_mfu_quick_runs_on_cpu_without_the_data_libraries(python):
     """Synthetic tokens: the script runs with tensorflow-datasets, grain and tensorboardX absent."""
     code = ("import runpy, sys\n"
             "for name in ('tensorflow_datasets', 'grain', 'tensorboardX'):\n"
             "    sys.modules[name] = None  # import fails\n"
             "sys.argv = ['bench_gpu_mfu.py', '--quick']\n"
             "runpy.run_path('benchmarks/bench_gpu_mfu.py', run_name='__main__')\n")
-    (row,) = _table(_run("-c", code), "device")
+    (row,) = _table(_run(python, "-c", code), "device")
     assert [row["device"], row["--attention"], row["attention compiled"], row["batch x seq"]] == [
         "cpu", "xla", "XLA (dots + softmax)", "4x64"]
     step_ms, tokens_per_s = _positive(row["step ms"]), _positive(row["tokens/s"])
