@@ -411,7 +411,7 @@ def optimizer_from_config(
     Example:
       >>> from jaxtricks.lm.config import OptimizerConfig
       >>> import jax.numpy as jnp, jaxtricks
-      >>> tx = jaxtricks.optimizer_from_config(OptimizerConfig(), total_steps=100)
+      >>> tx = optimizer_from_config(OptimizerConfig(), total_steps=100)
       >>> params = {"w": jnp.ones((2, 2))}
       >>> _, state = tx.update({"w": jnp.ones((2, 2))}, tx.init(params), params)
       >>> sorted(jaxtricks.optimizer_stats(state))
