@@ -23,6 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     # Imported after parsing so that --help is instant.
+    from jaxtricks.lm import missing_train_extra_message
+
+    if (missing := missing_train_extra_message()) is not None:
+        print(f"error: {missing}", file=sys.stderr)
+        return 2
     from jaxtricks.lm.cpu import tune_host_malloc
 
     tune_host_malloc()  # before JAX starts its threads (see its docstring)

@@ -272,3 +272,25 @@ def test_python_dash_m_and_help(python):
     assert done.returncode == 0
     for command in ("lr-find", "plot-schedule", "report", "sample"):
         assert command in done.stdout
+
+
+@pytest.mark.parametrize("entry", ["jaxtricks", "train.py"])
+def test_missing_train_extra_is_one_line_naming_the_extra(tmp_path, capsys, monkeypatch, entry):
+    """Without the trainer's packages, both entry points name the extra to install, exit 2 and
+    write nothing (a package is made missing by adding an import name that does not exist)."""
+    import jaxtricks.lm
+    import train
+
+    monkeypatch.setattr(jaxtricks.lm, "TRAIN_MODULES",
+                        (*jaxtricks.lm.TRAIN_MODULES, "jaxtricks_no_such_package"))
+    workdir = tmp_path / "run"
+    if entry == "jaxtricks":
+        status = main(["plot-schedule", "--out", str(tmp_path / "s.png")])
+    else:
+        status = train.main(["--workdir", str(workdir)])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert "jaxtricks_no_such_package missing" in err and "pip install 'jaxtricks[train]'" in err
+    assert "flax" not in err  # only what is missing is named
+    assert not workdir.exists() and not (tmp_path / "s.png").exists()

@@ -275,6 +275,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as e:  # --help (0) or a parse error (2, already reported)
         return e.code if isinstance(e.code, int) else 0
+    from jaxtricks.lm import missing_train_extra_message
+
+    if (missing := missing_train_extra_message()) is not None:
+        print(f"jaxtricks {args.command}: error: {missing}", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except _user_errors() as e:
