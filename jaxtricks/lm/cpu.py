@@ -223,7 +223,8 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_blocks: int =
     :math:`T \times T` scores for :math:`n` blocks (3/8 for 4), as FlashAttention's causal tiling
     skips them. Each block is one ``jax.nn.dot_product_attention`` call with its causal mask, so
     the result equals the one-call ``is_causal=True`` attention to float rounding.
-    ``benchmarks/bench_attention.py`` measures it against the one call.
+    ``python benchmarks/bench_step.py --variant model.attention_blocks=1`` measures the whole
+    step without it.
 
     Args:
       q, k, v: ``(batch, seq, heads, head_dim)``.
