@@ -92,6 +92,7 @@ def _bench_transforms():
     return bench_transforms
 
 
+@pytest.mark.slow
 def test_hlo_stats_tells_the_zero_updates_of_a_skipped_step_from_other_copies():
     """The wrappers table's note: whatever copies `apply_if_finite` / `skip_nonfinite` make XLA
     insert (how many depends on XLA's version) write the broadcast zeros of a skipped step; the

@@ -112,7 +112,11 @@ def test_linear_dot_general_is_nnx_linear_and_passes_other_contractions_on():
                                np.asarray(y).T @ np.asarray(y), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("seq, num_blocks", [(16, 4), (10, 3), (12, 2), (7, 4), (16, 1)])
+@pytest.mark.parametrize("seq, num_blocks", [
+    (10, 3), (16, 1),  # uneven blocks; one call
+    pytest.param(16, 4, marks=pytest.mark.slow), pytest.param(12, 2, marks=pytest.mark.slow),
+    pytest.param(7, 4, marks=pytest.mark.slow),  # seq < 2 * blocks: one call
+])
 def test_blocked_causal_attention_equals_one_call(seq, num_blocks):
     """Query blocks that skip the masked keys give the one-call causal attention and its
     gradients, also for blocks of unequal size; too short a sequence falls back to one call."""

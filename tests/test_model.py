@@ -236,6 +236,7 @@ def test_init_cache_validates():
         init_cache(TINY, 0, 4)
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_one_batch():
     model = _model()
     graphdef, params = nnx.split(model)
@@ -316,7 +317,8 @@ def _loss_and_grads(graphdef, params, tokens, dropout_rng):
 
 
 @pytest.mark.parametrize("position, dropout, dtype", [
-    ("learned", 0.0, "float32"), ("rope", 0.1, "float32"),
+    ("learned", 0.0, "float32"),
+    pytest.param("rope", 0.1, "float32", marks=pytest.mark.slow),
     pytest.param("learned", 0.1, "bfloat16", marks=pytest.mark.slow),
     pytest.param("rope", 0.0, "bfloat16", marks=pytest.mark.slow),
 ])

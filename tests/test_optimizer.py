@@ -1,6 +1,5 @@
 """make_optimizer, optimizer_stats and the config builders: a PyTorch recipe, optax, numpy."""
 
-import dataclasses
 import doctest
 import math
 
@@ -12,8 +11,6 @@ import pytest
 
 import jaxtricks
 from jaxtricks import optimizer
-from jaxtricks.lm import config as config_lib
-from jaxtricks.lm.config import OptimizerConfig
 
 # --------------------------------------------------------------------------- a PyTorch recipe
 # Warmup, exponential decay, SGD with weight decay and clipping, as one PyTorch loop (one "epoch"
@@ -420,82 +417,6 @@ def test_missing_params_with_regularization_is_a_clear_error():
     params = {"w": jnp.ones(2)}
     with pytest.raises(ValueError, match="l2_regularization needs the current parameters"):
         tx.update(params, tx.init(params))
-
-
-# --------------------------------------------------------------------------- from the config
-
-
-def lr_values(cfg, total, steps):
-    schedule = jax.jit(config_lib.schedule_from_config(cfg, total))
-    return [float(schedule(jnp.asarray(t, jnp.int32))) for t in steps]
-
-
-@pytest.mark.parametrize(
-    "fields, total, steps, want",
-    [
-        (dict(schedule="constant", warmup_steps=4), 20, [0, 2, 4, 19, 100], [0, 0.5, 1, 1, 1]),
-        (dict(schedule="cosine", warmup_steps=10, end_value=0.1), 110, [0, 5, 10, 60, 110, 500],
-         [0, 0.5, 1, 0.55, 0.1, 0.1]),
-        (dict(schedule="linear", warmup_steps=0, end_value=0.2), 10, [0, 5, 10, 11],
-         [1, 0.6, 0.2, 0.2]),
-        (dict(schedule="polynomial", warmup_steps=2, power=2.0), 6, [0, 1, 2, 4, 6],
-         [0, 0.5, 1, 0.25, 0]),
-        (dict(schedule="exponential", warmup_steps=3, decay_rate=0.1, end_value=0.5), 100,
-         [0, 3, 4, 9, 50], [0, 1, math.exp(-0.1), math.exp(-0.6), 0.5]),
-        # wsd: decay 20% of 100 steps = 20; warmup 10, so a plateau of 70.
-        (dict(schedule="wsd", warmup_steps=10, decay_fraction=0.2, end_value=0.0), 100,
-         [0, 5, 10, 79, 80, 90, 100], [0, 0.5, 1, 1, 1, 0.5, 0]),
-        (dict(schedule="wsd", warmup_steps=0, decay_fraction=0.5, decay_shape="sqrt"), 8,
-         [0, 3, 4, 5, 8], [1, 1, 1, 1 - math.sqrt(0.25), 0]),
-        (dict(schedule="wsd", warmup_steps=5, decay_fraction=1.0), 10,  # decay capped at 10 - 5
-         [0, 5, 10], [0, 1, 0]),
-        (dict(schedule="inverse_sqrt", warmup_steps=4), 100, [0, 2, 4, 16, 64],
-         [0, 0.5, 1, 0.5, 0.25]),
-    ],
-    ids=lambda x: x.get("schedule") if isinstance(x, dict) else None,
-)
-def test_schedule_from_config(fields, total, steps, want):
-    cfg = OptimizerConfig(learning_rate=1.0, **fields)
-    np.testing.assert_allclose(lr_values(cfg, total, steps), want, rtol=1e-5, atol=1e-7)
-
-
-def test_schedule_from_config_rejects_a_warmup_as_long_as_the_run():
-    with pytest.raises(ValueError, match="warmup_steps.*total_steps=10"):
-        config_lib.schedule_from_config(OptimizerConfig(warmup_steps=10), 10)
-    with pytest.raises(ValueError, match="total_steps"):
-        config_lib.schedule_from_config(OptimizerConfig(), 0)
-
-
-@pytest.mark.parametrize("decay_all", [False, True])
-def test_optimizer_from_config_equals_make_optimizer(decay_all):
-    cfg = OptimizerConfig(name="adamw", learning_rate=0.01, schedule="cosine", warmup_steps=2,
-                          clip_norm=1.0, l1=1e-3, l2=1e-3, weight_decay=0.1, decay_all=decay_all,
-                          skip_nonfinite=True, b2=0.95)
-    params, grads = params_and_grads()
-    p_cfg, _ = run(config_lib.optimizer_from_config(cfg, 50), params, grads)
-    manual = jaxtricks.make_optimizer(
-        name="adamw", learning_rate=jaxtricks.warmup_then(2, jaxtricks.cosine_decay(0.01, 48)),
-        b2=0.95, clip_norm=1.0, l1=1e-3, l2=1e-3, weight_decay=0.1,
-        mask=None if decay_all else {"kernel": True, "bias": False}, skip_nonfinite=True)
-    p_manual, _ = run(manual, params, grads)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), p_cfg, p_manual)
-    # decay_all=False: the bias is not regularized, so its L1 penalty is not counted. The penalty
-    # is taken at the params of the last update: after one update, the initial params.
-    _, s_one = run(config_lib.optimizer_from_config(cfg, 50), params, grads[:1])
-    l1 = float(jaxtricks.optimizer_stats(s_one)["l1_penalty"])
-    kernel_l1 = 1e-3 * float(jnp.sum(jnp.abs(params["kernel"])))
-    bias_l1 = 1e-3 * float(jnp.sum(jnp.abs(params["bias"])))
-    assert l1 == pytest.approx(kernel_l1 + (bias_l1 if decay_all else 0.0), rel=1e-5)
-
-
-def test_default_config_builds_and_reports():
-    cfg = dataclasses.replace(OptimizerConfig(), warmup_steps=5)
-    tx = config_lib.optimizer_from_config(cfg, 100)
-    params, grads = params_and_grads(n=1)
-    _, state = run(tx, params, grads)
-    stats = jaxtricks.optimizer_stats(state)
-    assert float(stats["learning_rate"]) == 0.0  # warmup from 0: the first update uses step 0
-    assert {"grad_norm", "clipped", "skipped", "skipped_step"} <= set(stats)
 
 
 def test_docstring_examples_run():
