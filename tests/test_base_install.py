@@ -5,9 +5,6 @@ in a fresh interpreter: a ``sys.meta_path`` finder, inserted first, makes them u
 """
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -80,12 +77,8 @@ README_EXAMPLE = BLOCKER + textwrap.dedent("""
 """)
 
 
-def run_script(script: str) -> dict:
-    proc = subprocess.run(
-        [sys.executable, "-c", script, ",".join(TRAINER_MODULES), str(ROOT)],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )
+def run_script(python, script: str) -> dict:
+    proc = python.run("-c", script, ",".join(TRAINER_MODULES), str(ROOT), timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS ")]
     assert len(lines) == 1, proc.stdout[-4000:]
@@ -93,8 +86,8 @@ def run_script(script: str) -> dict:
 
 
 @pytest.mark.slow  # a fresh interpreter that imports jax, then 200 jitted steps
-def test_readme_example_runs_without_the_trainer_dependencies():
-    results = run_script(README_EXAMPLE)
+def test_readme_example_runs_without_the_trainer_dependencies(python):
+    results = run_script(python, README_EXAMPLE)
     print(results)  # which optional imports jax / optax tried, for the log
     assert results["blocks"] >= 1, "the README lost its transforms example marker"
     assert results["final_loss"] < 0.01 * results["initial_loss"]  # it trained
@@ -104,7 +97,8 @@ def test_readme_example_runs_without_the_trainer_dependencies():
     assert not any(m.startswith("jaxtricks.lm") for m in results["jaxtricks_modules"])
 
 
-def test_the_blocker_blocks():
+@pytest.mark.slow  # a subprocess
+def test_the_blocker_blocks(python):
     """The check above can fail: a blocked package cannot be imported, and the attempt is seen."""
     script = BLOCKER + textwrap.dedent("""
         import json
@@ -117,12 +111,13 @@ def test_the_blocker_blocks():
                 refused.append(error.name)
         print("RESULTS " + json.dumps({"refused": refused, "attempts": attempts}))
     """)
-    results = run_script(script)
+    results = run_script(python, script)
     # The second import is seen as asked for by the jaxtricks package (a frame in its folder).
     assert results == {"refused": ["yaml", "flax"], "attempts": [["yaml", False], ["flax", True]]}
 
 
-def test_import_jaxtricks_imports_nothing_of_the_trainer():
+@pytest.mark.slow  # a subprocess
+def test_import_jaxtricks_imports_nothing_of_the_trainer(python):
     """With the trainer's packages installed, ``import jaxtricks`` still loads none of them."""
     script = textwrap.dedent("""
         import json, sys
@@ -133,6 +128,6 @@ def test_import_jaxtricks_imports_nothing_of_the_trainer():
                         if m.split(".")[0] in blocked or m.startswith("jaxtricks.lm"))
         print("RESULTS " + json.dumps({"loaded": loaded, "file": jaxtricks.__file__}))
     """)
-    results = run_script(script)
+    results = run_script(python, script)
     assert results["file"] == str(ROOT / "jaxtricks" / "__init__.py")  # this checkout's library
     assert results["loaded"] == []
