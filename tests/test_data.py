@@ -359,6 +359,198 @@ def test_text_errors(tmp_path):
     assert not prepared(DataConfig(data_dir=str(tmp_path / "tfds")))
 
 
+# French prose, so that Latin-1 makes a few invalid bytes in otherwise readable text.
+PROSE = [f"Paragraphe {i}: le café de la gare ouvre à sept heures, et on y lit le journal "
+         "pendant que la pluie tombe sur les quais." for i in range(40)]
+
+
+def latin1_file(path):
+    """``PROSE`` encoded as Latin-1 (é and à are single bytes, invalid UTF-8); its bytes."""
+    raw = ("\n\n".join(PROSE) + "\n").encode("latin-1")
+    path.write_bytes(raw)
+    return raw
+
+
+def random_file(path, size=1 << 16):
+    path.write_bytes(np.random.default_rng(0).bytes(size))
+
+
+def text_error(cfg):
+    """check_data's DataError message for cfg, after checking that check_data wrote nothing and
+    that the pipeline says the same (and prepares nothing)."""
+    existed = os.path.exists(cfg.data_dir)
+    with pytest.raises(data.DataError) as checked:
+        data.check_data(cfg)
+    assert os.path.exists(cfg.data_dir) == existed
+    before = prepared(cfg)
+    with pytest.raises(data.DataError) as drawn:
+        next(data.train_iterator(cfg, batch_size=2, seed=0))
+    assert str(drawn.value) == str(checked.value)
+    assert prepared(cfg) == before
+    return str(checked.value)
+
+
+def test_latin1_file_is_refused_unless_encoding_errors_replace(tmp_path):
+    path = tmp_path / "latin1.txt"
+    raw = latin1_file(path)
+    offset = raw.index("é".encode("latin-1"))
+    cfg = DataConfig(source="text", path=str(path), data_dir=str(tmp_path / "tfds"), seq_len=16)
+    assert text_error(cfg) == (
+        f"data.path file {str(path)!r} is not valid UTF-8: the first invalid sequence is at byte "
+        f"offset {offset} (line 1, byte 0xe9: invalid continuation byte); convert the "
+        "file to UTF-8, or set data.encoding_errors=replace to read each invalid sequence as "
+        "U+FFFD.")
+
+    replace = dataclasses.replace(cfg, encoding_errors="replace")
+    data.check_data(replace)
+    train = documents(stream(take(data.train_iterator(replace, batch_size=2, seed=0), 200)))
+    val = documents(stream(data.eval_batches(replace, batch_size=2, num_batches=100)))
+    expected = [p.replace("é", "\ufffd").replace("à", "\ufffd") for p in PROSE]
+    assert sorted(set(train + val)) == sorted(expected)
+    # Prepared under replace, never reused as if strict: the strict config is still refused.
+    assert "is not valid UTF-8" in text_error(cfg)
+
+
+def test_random_bytes_are_not_text_under_either_setting(tmp_path):
+    path = tmp_path / "random.txt"
+    random_file(path)
+    for errors in ["strict", "replace"]:
+        cfg = DataConfig(source="text", path=str(path), data_dir=str(tmp_path / "tfds"),
+                         encoding_errors=errors)
+        message = text_error(cfg)
+        assert message.startswith(f"data.path file {str(path)!r} is not text: ")
+        share = float(message.split("is not text: ")[1].split("%")[0]) / 100
+        assert data.NOT_TEXT_SHARE < share < 0.6  # about half the bytes become U+FFFD
+        assert "neither printable nor whitespace" in message and "allowed: at most 30%" in message
+
+
+@pytest.mark.parametrize("errors", ["strict", "replace"])
+def test_not_text_share_and_u_fffd(tmp_path, errors):
+    def check(text):
+        path = tmp_path / "file.txt"
+        path.write_text(text, encoding="utf-8")
+        data.check_data(DataConfig(source="text", path=str(path), data_dir=str(tmp_path / "tfds"),
+                                   encoding_errors=errors))
+
+    body = "words and spaces\n\n" + "x" * 82  # 100 characters
+    control = "\x01\x02\x1b\u200b\ufeff\ue000"  # controls, zero-width space, BOM, private use
+    check(body[:70] + "".join(control[i % 6] for i in range(30)))  # 30%: text still
+    with pytest.raises(data.DataError, match="is not text: 31% of the 100 characters read"):
+        check(body[:69] + "".join(control[i % 6] for i in range(31)))
+    with pytest.raises(data.DataError, match="is not text: 40% of the 100 characters read"):
+        check(body[:60] + "\ufffd" * 40)  # valid UTF-8, but a replacement character is no text
+    check(body[:60] + "\n\t \u00a0\u3000" * 8)  # whitespace of every kind is text
+    check("日本語の文章です。\n\nΚείμενο στα ελληνικά 🙂\n")
+
+
+def test_decoding_across_blocks_offsets_and_early_refusal(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "READ_BYTES", 5)  # multibyte characters cut by blocks
+    text = "héllo wörld\n日本語 🙂 ok\n\nsecond paragraph, 🙂🙂\n"
+    path = tmp_path / "f.txt"
+    path.write_text(text, encoding="utf-8")
+    assert "".join(data._decoded_text(path, "strict")) == text
+    raw = text.encode() + b"ok then\n\xff\xfe and more text after it, all of it printable\n"
+    path.write_bytes(raw)
+    with pytest.raises(data.DataError, match=(
+            rf"at byte offset {len(text.encode()) + 8} \(line 6, byte 0xff: invalid start byte\)")):
+        "".join(data._decoded_text(path, "strict"))
+    assert "".join(data._decoded_text(path, "replace")) == raw.decode("utf-8", "replace")
+    path.write_bytes(text.encode() + "日".encode()[:2])  # cut short at the end of the file
+    with pytest.raises(data.DataError, match=rf"offset {len(text.encode())} \(line 5, byte "
+                                             r"0xe6: unexpected end of data\)"):
+        "".join(data._decoded_text(path, "strict"))
+    # A file that starts with 10 KB of zero bytes is refused before the rest is read.
+    monkeypatch.setattr(data, "READ_BYTES", 1024)
+    path.write_bytes(b"\0" * 10240 + b"text " * 2048)
+    with pytest.raises(data.DataError, match="is not text: 100% of the 7,168 characters read"):
+        "".join(data._decoded_text(path, "strict"))
+
+
+def test_every_file_is_checked(tmp_path):
+    write_corpus(tmp_path / "corpus")  # part0..2.txt: many paragraphs before the last file
+    latin1_file(tmp_path / "corpus" / "zz_last.txt")
+    cfg = DataConfig(source="text", path=str(tmp_path / "corpus"), data_dir=str(tmp_path / "tfds"))
+    assert f"file {str(tmp_path / 'corpus' / 'zz_last.txt')!r} is not valid UTF-8" in (
+        text_error(cfg))
+    (tmp_path / "corpus" / "sub").mkdir()
+    random_file(tmp_path / "corpus" / "sub" / "noise.md", size=4096)
+    assert "noise.md' is not text" in text_error(cfg)  # sub/ sorts before zz_last.txt
+    assert "noise.md' is not text" in text_error(dataclasses.replace(cfg,
+                                                                     encoding_errors="replace"))
+
+
+def test_a_prepared_corpus_is_not_read_again_by_check_data(corpus, monkeypatch):
+    cfg, _ = corpus
+    reads = []
+    decoded_text = data._decoded_text
+    monkeypatch.setattr(data, "_decoded_text",
+                        lambda path, errors: reads.append(path) or decoded_text(path, errors))
+    data.check_data(cfg)
+    assert len(reads) == 3  # every file
+    data.eval_batches(cfg, batch_size=2, num_batches=1)  # prepares it, reading each file again
+    assert len(reads) == 6
+    data.check_data(cfg)
+    assert len(reads) == 6  # prepared from these very files under these settings: checked then
+    replace = dataclasses.replace(cfg, encoding_errors="replace")
+    data.check_data(replace)
+    assert len(reads) == 9  # another setting, another corpus
+    data.eval_batches(replace, batch_size=2, num_batches=1)
+    assert len(prepared(cfg)) == 2
+
+
+def test_encoding_errors_config_key():
+    from jaxtricks.lm import config as config_lib
+
+    assert config_lib.load(None, ["data.encoding_errors=replace"]).data.encoding_errors == (
+        "replace")
+    assert DataConfig().encoding_errors == "strict"
+    with pytest.raises(config_lib.ConfigError, match="data.encoding_errors='ignore' is not "
+                                                     "allowed; choose one of strict, replace"):
+        config_lib.load(None, ["data.encoding_errors=ignore"])
+
+
+TINY_RUN = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.d_ff=64",
+            "model.max_seq_len=32", "data.seq_len=32", "train.batch_size=4", "train.steps=3",
+            "train.log_every=1", "train.eval_every=100", "train.eval_batches=1",
+            "train.checkpoint_every=100", "train.sample_tokens=0", "optimizer.warmup_steps=0"]
+
+
+@pytest.mark.slow
+def test_train_py_refuses_latin1_and_random_bytes_and_trains_with_replace(tmp_path, python):
+    latin1 = tmp_path / "latin1.txt"
+    offset = latin1_file(latin1).index("é".encode("latin-1"))
+    noise = tmp_path / "noise.bin"
+    random_file(noise)
+    tfds_dir = tmp_path / "tfds"
+
+    def train(path, workdir, *overrides):
+        return python.run("train.py", "--workdir", str(workdir), *TINY_RUN, "data.source=text",
+                          f"data.path={path}", f"data.data_dir={tfds_dir}", *overrides)
+
+    for path, message in [
+        (latin1, f"data.path file {str(latin1)!r} is not valid UTF-8: the first invalid sequence "
+                 f"is at byte offset {offset} (line 1, byte 0xe9: invalid continuation byte)"),
+        (noise, f"data.path file {str(noise)!r} is not text: "),
+    ]:
+        done = train(path, tmp_path / "refused")
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert done.stderr.startswith(f"error: {message}"), done.stderr
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+        assert not (tmp_path / "refused").exists() and not tfds_dir.exists()  # nothing written
+    done = train(noise, tmp_path / "refused", "data.encoding_errors=replace")
+    assert done.returncode == 2 and "is not text" in done.stderr, done.stderr
+    assert not (tmp_path / "refused").exists() and not tfds_dir.exists()
+
+    done = train(latin1, tmp_path / "run", "data.encoding_errors=replace")
+    assert done.returncode == 0, done.stdout + done.stderr
+    steps = [json.loads(line)["step"] for line in
+             (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert 3 in steps
+    assert len(prepared(DataConfig(data_dir=str(tfds_dir)))) == 1
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"][
+        "encoding_errors"] == "replace"
+
+
 def test_check_data_writes_nothing(tmp_path):
     write_corpus(tmp_path / "corpus")
     data.check_data(DataConfig(source="text", path=str(tmp_path / "corpus"),

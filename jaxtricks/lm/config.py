@@ -56,6 +56,9 @@ class DataConfig:
     data_dir: str = ""  # where TFDS datasets live ("" = TFDS's default, ~/tensorflow_datasets)
     seq_len: int = 128  # tokens per training sequence (<= model.max_seq_len)
     val_fraction: float = 0.05  # source=embedded/text: share of documents held out for validation
+    # source=text: files must be UTF-8 ("strict"); "replace" reads each invalid byte sequence as
+    # U+FFFD instead. Either way a file that is mostly not printable is refused as not text.
+    encoding_errors: Literal["strict", "replace"] = "strict"
     num_workers: int = 0  # grain worker processes (0 = read in the main process)
 
 

@@ -4,7 +4,8 @@ Every source becomes a TFDS dataset in array_record format, opened with ``as_dat
 
 * ``embedded`` (the default): the English text of Python's own documentation
   (``pydoc_data.topics``, shipped with every Python), so the default run downloads nothing;
-* ``text``: local text files (``data.path``: a file, a folder or a glob);
+* ``text``: local text files (``data.path``: a file, a folder or a glob), checked to be UTF-8
+  (or read with U+FFFD for invalid bytes: ``data.encoding_errors``) and text;
 * ``tfds``: any TFDS text dataset already prepared in array_record format (``lm1b``, ...).
 
 The first two are prepared by :class:`JaxtricksText`, a TFDS builder of our own, once per corpus:
@@ -26,6 +27,8 @@ iterator is a grain ``DatasetIterator``: ``get_state()`` / ``set_state()`` resum
 
 from __future__ import annotations
 
+import codecs
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -52,6 +55,11 @@ EOS_ID = 256
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")  # files read from a folder given as data.path
 DOCS_PER_GROUP = 64  # documents read per grain element: amortizes grain's per-element overhead
 CACHE_BYTES = 64 * 2**20  # decoded documents kept in memory per iterator (whole small corpora)
+READ_BYTES = 2**20  # text files are read and decoded this many bytes at a time
+# A text file with more than this share of characters that are neither printable nor whitespace
+# (U+FFFD included) is "not text": prose has next to none, random or compressed bytes about half
+# (decoded with U+FFFD for each invalid sequence), executables and UTF-16 at least half.
+NOT_TEXT_SHARE = 0.3
 
 
 class DataError(ValueError):
@@ -102,14 +110,95 @@ def _too_few_paragraphs(description: str, count: int) -> DataError:
     )
 
 
-def _check_paragraphs(files: list[Path], description: str) -> None:
-    """Refuse text files with fewer than 2 paragraphs in all, reading only until 2 are found."""
+# Printable ASCII and ASCII whitespace, by byte; the rest of 0..127 (controls) is not text.
+_TEXT_ASCII = bytes(b for b in range(128) if chr(b).isprintable() or chr(b).isspace())
+
+
+@functools.cache
+def _not_text_table() -> np.ndarray:
+    """``table[code point]``: the character is neither printable nor whitespace, or is U+FFFD."""
+    table = np.fromiter((not (c.isprintable() or c.isspace())
+                         for c in map(chr, range(0x110000))), bool, 0x110000)
+    table[0xFFFD] = True  # what errors='replace' makes of invalid UTF-8
+    return table
+
+
+def _not_text_count(text: str, raw: bytes) -> int:
+    """How many characters of ``text`` (decoded from ``raw``) are neither printable nor
+    whitespace, U+FFFD counted among them."""
+    if text.isascii():
+        return len(raw.translate(None, _TEXT_ASCII))
+    codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)
+    return int(np.count_nonzero(_not_text_table()[codes]))
+
+
+def _decoded_text(path: Path, encoding_errors: str) -> Iterator[str]:
+    """The text of the file at ``path``, decoded from UTF-8 ``READ_BYTES`` at a time.
+
+    Raises :class:`DataError` if the file is not valid UTF-8 (with ``encoding_errors='strict'``;
+    ``'replace'`` reads each invalid sequence as U+FFFD), or is not text: more than
+    ``NOT_TEXT_SHARE`` of its characters neither printable nor whitespace, U+FFFD counted among
+    them. Reads the whole file, except to refuse it: it stops as soon as the share is sure to be
+    exceeded, and with ``'strict'`` after the block holding the first invalid sequence (the share
+    of what was read then chooses the message).
+    """
+    size = path.stat().st_size
+    invalid = None  # (byte offset, line, reason, byte) of the first invalid sequence
+    chars = not_text = 0  # characters decoded so far, and how many of them are not text
+    decoded = newlines = 0  # bytes decoded so far, and the newlines among them
+    pending = b""  # the start of a multibyte sequence cut by the end of a block
+    with path.open("rb") as f:
+        while True:
+            block = f.read(READ_BYTES)
+            data, final = pending + block, not block
+            if invalid is None:
+                try:
+                    text, used = codecs.utf_8_decode(data, "strict", final)
+                    newlines += data.count(b"\n", 0, used)
+                except UnicodeDecodeError as e:
+                    line = newlines + data.count(b"\n", 0, e.start) + 1
+                    invalid = (decoded + e.start, line, e.reason, data[e.start])
+            if invalid is not None:
+                text, used = codecs.utf_8_decode(data, "replace", final)
+            chars += len(text)
+            not_text += _not_text_count(text, data[:used])
+            decoded += used
+            pending = data[used:]
+            if not_text > NOT_TEXT_SHARE * (chars + max(0, size - decoded)):
+                break  # over the share, whatever the rest of the file holds
+            if invalid is not None and encoding_errors == "strict":
+                break
+            yield text
+            if final:
+                break
+    if not_text > NOT_TEXT_SHARE * chars:
+        raise DataError(
+            f"data.path file {str(path)!r} is not text: {not_text / chars:.0%} of the {chars:,} "
+            "characters read are neither printable nor whitespace (U+FFFD, which stands for bytes "
+            f"that are not UTF-8, counted among them); allowed: at most {NOT_TEXT_SHARE:.0%}."
+        )
+    if invalid is not None and encoding_errors == "strict":
+        offset, line, reason, byte = invalid
+        raise DataError(
+            f"data.path file {str(path)!r} is not valid UTF-8: the first invalid sequence is at "
+            f"byte offset {offset} (line {line}, byte {byte:#04x}: {reason}); convert the file to "
+            "UTF-8, or set data.encoding_errors=replace to read each invalid sequence as U+FFFD."
+        )
+
+
+def _check_text_files(files: list[Path], cfg: DataConfig) -> None:
+    """Refuse a file that is not UTF-8 (under data.encoding_errors=strict) or not text, and text
+    files with fewer than 2 paragraphs in all. Reads every file (see :func:`_decoded_text`), and
+    keeps a file's text only until 2 paragraphs are found."""
     count = 0
     for f in files:
-        count += len(_paragraphs(f.read_text(encoding="utf-8", errors="replace")))
+        chunks = _decoded_text(f, cfg.encoding_errors)
         if count >= 2:
-            return
-    raise _too_few_paragraphs(description, count)
+            collections.deque(chunks, maxlen=0)  # read it through: the checks run as it is read
+        else:
+            count += len(_paragraphs("".join(chunks)))
+    if count < 2:
+        raise _too_few_paragraphs(_text_description(cfg, files), count)
 
 
 def _text_description(cfg: DataConfig, files: list[Path]) -> str:
@@ -128,6 +217,7 @@ class CorpusConfig(tfds.core.BuilderConfig):
 
     files: tuple[str, ...] = ()  # local text files; empty = the embedded Python documentation
     val_fraction: float = 0.05
+    encoding_errors: str = "strict"  # how the files are decoded: "strict" or "replace"
 
 
 class JaxtricksText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -154,7 +244,10 @@ class JaxtricksText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         del dl_manager  # nothing to download
         config = self.builder_config
         if config.files:
-            texts = [Path(f).read_text(encoding="utf-8", errors="replace") for f in config.files]
+            # The checks of check_data again, so that a corpus is prepared only from files that
+            # pass them (and check_data may skip a corpus that is prepared).
+            texts = ["".join(_decoded_text(Path(f), config.encoding_errors))
+                     for f in config.files]
         else:
             texts = _embedded_topics()
         docs = [p for text in texts for p in _paragraphs(text)]
@@ -237,7 +330,8 @@ def _fingerprint(*parts: Any) -> str:
 
 def _corpus_builder(cfg: DataConfig) -> JaxtricksText:
     """The builder of the embedded or local-text corpus; its config name fingerprints the corpus
-    (file names, sizes and mtimes, or the documentation's text) and val_fraction."""
+    (file names, sizes and mtimes, or the documentation's text), val_fraction and, for local text,
+    encoding_errors (a corpus decoded with U+FFFD is never read as one that was valid UTF-8)."""
     if cfg.source == "embedded":
         files: tuple[str, ...] = ()
         digest = hashlib.sha256("\0".join(_embedded_topics()).encode()).hexdigest()
@@ -247,10 +341,11 @@ def _corpus_builder(cfg: DataConfig) -> JaxtricksText:
         paths = _text_files(cfg.path)
         files = tuple(str(p) for p in paths)
         stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
-        name = "text-" + _fingerprint(stats, cfg.val_fraction)
+        name = "text-" + _fingerprint(stats, cfg.val_fraction, cfg.encoding_errors)
         description = _text_description(cfg, paths)
     config = CorpusConfig(
-        name=name, description=description, files=files, val_fraction=cfg.val_fraction
+        name=name, description=description, files=files, val_fraction=cfg.val_fraction,
+        encoding_errors=cfg.encoding_errors,
     )
     with _quiet_tfds():
         return JaxtricksText(
@@ -262,12 +357,20 @@ def _corpus_builder(cfg: DataConfig) -> JaxtricksText:
 
 
 def check_data(cfg: DataConfig) -> None:
-    """Raise :class:`DataError` if ``cfg`` names data that cannot be read. Cheap: prepares and
-    writes nothing and reads text files only until it has found two paragraphs, so the trainer
-    calls it before compiling anything."""
+    """Raise :class:`DataError` if ``cfg`` names data that cannot be read. Prepares and writes
+    nothing, so the trainer calls it before compiling anything.
+
+    Local text files are read through once, each: a file that is not valid UTF-8 (unless
+    ``data.encoding_errors=replace``) or is not text is refused, and so are files with fewer than
+    two paragraphs in all. A corpus already prepared from the same files (names, sizes, mtimes)
+    with the same settings passed these checks when it was prepared, and is not read again.
+    """
     if cfg.source == "text":
         files = _text_files(cfg.path)
-        _check_paragraphs(files, _text_description(cfg, files))
+        with _quiet_tfds():
+            if _corpus_builder(cfg).is_prepared():
+                return
+        _check_text_files(files, cfg)
     if cfg.source != "tfds":
         return  # the embedded corpus is always there
     where = f"under data.data_dir={cfg.data_dir!r}" if cfg.data_dir else (
