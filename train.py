@@ -4,7 +4,9 @@
 
 Without --config the defaults of jaxtricks/lm/config.py are used (the same as configs/default.yaml):
 a tiny model on Python's own documentation, which trains on a laptop CPU in a few minutes.
-Starting again on a workdir that holds a checkpoint resumes from it.
+Starting again on a workdir that holds a checkpoint resumes from it. Exit status: 0 done (or
+saved on SIGTERM / SIGINT), 1 stopped by non-finite steps, 2 bad input or a workdir in use by
+another run, 3 a write failed (a full disk, a read-only filesystem, a quota).
 """
 
 import argparse
@@ -36,20 +38,29 @@ def main(argv: list[str] | None = None) -> int:
     from jaxtricks.lm import training
     from jaxtricks.lm.checkpoint import CheckpointError
     from jaxtricks.lm.data import DataError
+    from jaxtricks.lm.workdir import WorkdirLocked, WriteFailed
 
     name = Path(args.config).stem if args.config else "default"
     workdir = args.workdir or str(Path("runs") / name)
     try:
         config = config_lib.load(args.config, args.overrides)
         training.run(config, workdir)
-    except (config_lib.ConfigError, DataError, CheckpointError) as e:
+    except (config_lib.ConfigError, DataError, CheckpointError, WorkdirLocked) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except training.TrainingStopped as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except WriteFailed as e:  # a full disk, a read-only filesystem, a quota
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if status == 3:  # reported in one line; Orbax's threads may still print the failure at exit
+        from jaxtricks.lm.workdir import silence_stderr
+
+        silence_stderr()
+    sys.exit(status)

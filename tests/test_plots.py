@@ -153,16 +153,21 @@ def test_write_report_writes_a_png(tmp_path):
     assert_png(other, min_size=(600, 600))
 
 
-def test_report_errors_name_the_file_and_line(tmp_path):
+def test_report_errors_name_the_file_and_torn_lines_are_skipped(tmp_path, capsys):
     with pytest.raises(plots.ReportError, match="metrics.jsonl does not exist"):
         plots.write_report(tmp_path)
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss":\n')
-    with pytest.raises(plots.ReportError, match=r"metrics.jsonl:2 is not a JSON line"):
-        plots.write_report(tmp_path)
-    (tmp_path / "metrics.jsonl").write_text('{"loss": 2.0}\n')
-    with pytest.raises(plots.ReportError, match=r"metrics.jsonl:1 .*no 'step'"):
-        plots.write_report(tmp_path)
     assert not (tmp_path / "report.png").exists()
+    # A torn last line (a run killed mid-append), garbage, and a line without a step: skipped.
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"step": 1, "loss": 2.0}\n\x00\x01garbage\n{"loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+        '{"step": 3, "loss":')
+    s = plots.report_series(tmp_path)
+    assert s.steps.tolist() == [1, 2] and s.loss.tolist() == [2.0, 1.5]
+    assert s.bad_lines == (2, 3, 5)
+    assert_png(plots.write_report(tmp_path))
+    assert [r["step"] for r in plots.read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
+    assert "skipped 3 line(s) that are not metrics lines (torn or corrupt; line 2, 3, 5)" in (
+        capsys.readouterr().err)
 
 
 def test_report_of_a_run_with_only_an_evaluation(tmp_path):

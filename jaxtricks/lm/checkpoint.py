@@ -8,12 +8,15 @@ skipped in favour of the previous one, with a warning.
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from jaxtricks.lm.workdir import HeldStderr, folder_bytes, write_errno, write_failed
 
 
 class CheckpointError(ValueError):
@@ -50,17 +53,49 @@ class Checkpoints:
         """Write a checkpoint for ``step`` (replacing nothing: a step already saved is kept)."""
         if step in self.steps():
             return
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave(data_state),
-                config=ocp.args.JsonSave(config),
-            ),
-            force=True,
-        )
-        self._manager.wait_until_finished()
+        # A failed write makes Orbax's threads and asyncio tasks print tracebacks and log errors of
+        # their own (many, from C++ too): stderr is held during the save and shown only when it
+        # succeeds or fails for another reason; a failed write is reported in one line instead.
+        with HeldStderr() as stderr:
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                self._manager.save(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardSave(state),
+                        data=ocp.args.JsonSave(data_state),
+                        config=ocp.args.JsonSave(config),
+                    ),
+                    force=True,
+                )
+                self._manager.wait_until_finished()
+            except Exception as e:  # Orbax wraps the OSError, or only quotes its words
+                code = write_errno(e)
+                if code is None:
+                    raise
+                stderr.discard()
+                self.remove_partial(step)
+                path = getattr(e, "filename", None) or self.directory / str(step)
+                raise write_failed(path, code, needed_bytes=self.needed_bytes(state),
+                                   what=f"saving the checkpoint of step {step}") from None
+
+    def remove_partial(self, step: int) -> None:
+        """Remove what a failed save of ``step`` left (Orbax's temporary folder, or the step's
+        folder when the failure came after the rename); the earlier checkpoints are untouched."""
+        for partial in [*self.directory.glob(f"{step}.orbax-checkpoint-tmp*"),
+                        self.directory / str(step)]:
+            if partial.is_dir():
+                shutil.rmtree(partial, ignore_errors=True)
+            elif partial.exists():
+                partial.unlink(missing_ok=True)
+
+    def needed_bytes(self, state: Any) -> int:
+        """About what one checkpoint takes: the newest complete one on disk, else the state's
+        array bytes."""
+        complete = [s for s in self.steps() if (self.directory / str(s)).is_dir()]
+        if complete:
+            return folder_bytes(self.directory / str(complete[-1]))
+        return sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree.leaves(state))
 
     def read_config(self, step: int) -> dict:
         """The config a checkpoint was made with (cheap: reads only that item)."""
@@ -100,4 +135,10 @@ class Checkpoints:
         )
 
     def close(self) -> None:
-        self._manager.close()
+        try:
+            self._manager.close()
+        except Exception as e:  # a failed write that surfaces only when Orbax finishes
+            code = write_errno(e)
+            if code is None:
+                raise
+            raise write_failed(self.directory, code, what="finishing the checkpoints") from None

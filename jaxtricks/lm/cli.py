@@ -148,6 +148,9 @@ def cmd_report(args) -> int:
     series = plots.report_series(workdir)
     print(f"{len(series.steps)} logged steps, {len(series.val_steps)} evaluations, "
           f"{int(series.clipped.sum())} logged steps clipped, {series.total_skipped} skipped")
+    if series.bad_lines:
+        skipped = plots.skipped_message(workdir / "metrics.jsonl", list(series.bad_lines))
+        print(f"warning: {skipped}", file=sys.stderr)
     print(f"wrote {path}")
     return 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -163,24 +164,44 @@ class ReportSeries:
     val_loss: np.ndarray  # (m,) float
     clip_norm: float | None  # optimizer.clip_norm of config.json (None: off or unknown)
     total_skipped: int  # the run's count of skipped steps at its last logged step
+    bad_lines: tuple[int, ...] = ()  # numbers of the lines skipped as torn or corrupt
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The JSON objects of a ``metrics.jsonl``, in file order."""
+def parse_metrics(path: str | Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """The JSON objects of a ``metrics.jsonl`` in file order, and the numbers of the lines that
+    are not metrics lines (torn by a run killed mid-write, or garbage), which are skipped."""
     path = Path(path)
     if not path.is_file():
         raise ReportError(f"{path} does not exist; give the workdir of a run made by train.py.")
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    records, bad = [], []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ReportError(f"{path}:{number} is not a JSON line ({e.msg}).") from None
-        if not isinstance(record, dict) or "step" not in record:
-            raise ReportError(f"{path}:{number} is not a metrics line (no 'step').")
+        except json.JSONDecodeError:
+            bad.append(number)
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            bad.append(number)
+            continue
         records.append(record)
+    return records, bad
+
+
+def skipped_message(path: str | Path, bad: list[int]) -> str:
+    """One line that says how many lines of ``path`` were skipped, and which."""
+    shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+    return (f"{path}: skipped {len(bad)} line(s) that are not metrics lines (torn or corrupt; "
+            f"line {shown})")
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The JSON objects of a ``metrics.jsonl``, in file order; lines that are not metrics lines
+    are skipped with a warning on stderr."""
+    records, bad = parse_metrics(path)
+    if bad:
+        print(f"warning: {skipped_message(path, bad)}", file=sys.stderr)
     return records
 
 
@@ -188,7 +209,7 @@ def report_series(workdir: str | Path) -> ReportSeries:
     """The series of :class:`ReportSeries` from ``workdir/metrics.jsonl`` and
     ``workdir/config.json`` (the clip threshold; absent file or ``clip_norm: null``: None)."""
     workdir = Path(workdir)
-    records = read_metrics(workdir / "metrics.jsonl")
+    records, bad = parse_metrics(workdir / "metrics.jsonl")
     train = [r for r in records if "loss" in r]
     val = [r for r in records if "val_loss" in r]
 
@@ -213,6 +234,7 @@ def report_series(workdir: str | Path) -> ReportSeries:
         val_loss=column("val_loss", rows=val),
         clip_norm=None if clip_norm is None else float(clip_norm),
         total_skipped=int(train[-1].get("skipped", 0)) if train else 0,
+        bad_lines=tuple(bad),
     )
 
 
@@ -269,7 +291,7 @@ def plot_report(series: ReportSeries, path: str | Path, title: str = "") -> Path
 def write_report(workdir: str | Path, path: str | Path | None = None) -> Path:
     """Draw the report of the run in ``workdir`` into ``path`` (default ``workdir/report.png``)
     and return the file's path. Raises :class:`ReportError` when ``workdir/metrics.jsonl`` is
-    missing or malformed."""
+    missing; its torn or corrupt lines are skipped (``ReportSeries.bad_lines``)."""
     workdir = Path(workdir)
     series = report_series(workdir)
     return plot_report(series, workdir / "report.png" if path is None else path,

@@ -1,6 +1,7 @@
 """The training loop: config -> (data, model, optimizer) -> step -> metrics and checkpoints.
 
-Read :func:`run` from top to bottom: it is the whole of training. What the loop does besides
+Read :func:`run` (the input checks and the workdir's lock) and :func:`train` from top to bottom:
+they are the whole of training. What the loop does besides
 stepping has a helper each, called at its own frequency: :class:`TrainLog` (every
 ``train.log_every`` steps), :func:`evaluate_and_log` (every ``train.eval_every``),
 ``Checkpoints.save`` (every ``train.checkpoint_every``, at the end and on SIGTERM / SIGINT),
@@ -9,6 +10,7 @@ stepping has a helper each, called at its own frequency: :class:`TrainLog` (ever
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -31,6 +33,7 @@ from jaxtricks.lm.config import optimizer_from_config
 from jaxtricks.lm.cpu import use_cpu_devices
 from jaxtricks.lm.model import Transformer, count_params, flops_per_token
 from jaxtricks.lm.step import Steps, TrainState, make_steps, unreplicate_metrics
+from jaxtricks.lm.workdir import RunLock, stop_on_write_error
 
 # Dense bf16 peak FLOP/s per chip, for MFU. Matched as a substring of jax's device_kind.
 PEAK_FLOPS = {
@@ -158,11 +161,25 @@ def run(config: config_lib.Config, workdir: str | Path) -> dict[str, Any]:
       CheckpointError: a checkpoint that is not ours or was made for another model (refused before
         anything is compiled), or none in the workdir that can be read.
       TrainingStopped: ``train.max_consecutive_skips`` non-finite steps in a row.
+      WorkdirLocked: another run holds the workdir (nothing written).
+      WriteFailed: a checkpoint, the metrics or the report could not be written (a full disk, a
+        read-only filesystem, a quota); the half-written checkpoint is removed.
     """
-    workdir, tc = Path(workdir), config.train
+    workdir = Path(workdir)
 
     # Bad input is refused here, before anything is compiled or written.
     preflight(config, workdir)
+
+    # One run per workdir: its lock is the first thing written, and it is released however the
+    # run ends. Process 0 alone takes it (the other processes learning its outcome before they
+    # write is left to the scale-out work).
+    with RunLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+        return train(config, workdir)
+
+
+def train(config: config_lib.Config, workdir: Path) -> dict[str, Any]:
+    """The whole of training, once :func:`run` has checked the input and locked the workdir."""
+    tc = config.train
 
     # Workdir and checkpoint: a workdir with a checkpoint resumes from the newest one.
     checkpoints = Checkpoints(workdir, keep=tc.keep_checkpoints)
@@ -185,7 +202,8 @@ def run(config: config_lib.Config, workdir: str | Path) -> dict[str, Any]:
     eval_set = data_lib.eval_batches(config.data, batch_size=per_process_batch,
                                      num_batches=tc.eval_batches)
 
-    # Resume: the checkpoint's state and data position. Only now is anything written.
+    # Resume: the checkpoint's state and data position. Only now is anything (but the lock)
+    # written.
     start = 0
     if resume_from is not None:
         start, state, data_state, _ = checkpoints.restore(state)
@@ -193,7 +211,9 @@ def run(config: config_lib.Config, workdir: str | Path) -> dict[str, Any]:
         print(f"resumed from {checkpoints.directory / str(start)} at step {start}")
     state = steps.put_state(state)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(config_lib.to_dict(config), indent=2) + "\n")
+    with stop_on_write_error(workdir / "config.json"):
+        (workdir / "config.json").write_text(
+            json.dumps(config_lib.to_dict(config), indent=2) + "\n")
     flops = flops_per_token(config.model, config.data.seq_len)
     device = jax.local_devices()[0]
     print(f"model: {count_params(model) / 1e6:.2f}M parameters, {flops / 1e6:.1f} MFLOPs per "
@@ -233,16 +253,17 @@ def run(config: config_lib.Config, workdir: str | Path) -> dict[str, Any]:
                     break
             if pending is not None:
                 latest.update(finish_step(*pending, steps, train_log, nonfinite))
-    finally:
-        train_log.close()
-        checkpoints.close()
-        if hasattr(train_iter, "close"):  # grain worker processes, when data.num_workers > 0
-            train_iter.close()
+    except BaseException:
+        # The error that stopped the loop is the one to report, not one closing the files after.
+        close_all(train_log, checkpoints, train_iter, quietly=True)
+        raise
+    close_all(train_log, checkpoints, train_iter)
 
     # The end: the report, and a sample unless a signal cut the run short.
     from jaxtricks.lm.plots import write_report  # matplotlib: imported only when needed
 
-    print(f"report: {write_report(workdir)}")
+    with stop_on_write_error(workdir / "report.png", what="writing the report"):
+        print(f"report: {write_report(workdir)}")
     if not stop.requested and tc.sample_tokens > 0:
         final_model = nnx.merge(graphdef, steps.get_state(state).params, rest)
         print("sample:\n" + sample_text(final_model, tc.sample_prompt, tc.sample_tokens, tc.seed))
@@ -265,6 +286,20 @@ def finish_step(step: int, device_metrics: dict[str, jax.Array], steps: Steps,
     train_log.record(step, metrics)
     nonfinite.check(step, metrics)
     return {"step": step, **metrics}
+
+
+def close_all(*closeable: Any, quietly: bool = False) -> None:
+    """Close each (grain's iterator has ``close`` only with worker processes); the first error is
+    raised once all are closed, none when ``quietly``."""
+    first_error = None
+    for thing in closeable:
+        if hasattr(thing, "close"):
+            try:
+                thing.close()
+            except Exception as e:
+                first_error = first_error or e
+    if first_error is not None and not quietly:
+        raise first_error
 
 
 def read_saved_config(checkpoints: Checkpoints, step: int) -> dict:
@@ -310,25 +345,47 @@ class MetricsLog:
         self.path = workdir / "metrics.jsonl"
         kept = []
         if self.path.exists():  # drop what was logged after the checkpoint we resume from
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            lines = [line for line in self.path.read_text(errors="replace").splitlines()
+                     if line.strip()]
+            steps = [metrics_line_step(line) for line in lines]
+            kept = [line for line, step in zip(lines, steps, strict=True)
+                    if step is not None and step <= resume_step]
+            if torn := steps.count(None):
+                # A run killed (or out of disk space) mid-append leaves a torn last line.
+                print(f"{self.path}: dropped {torn} line(s) that do not parse (a write cut "
+                      "short); the run goes on")
         tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
-        self._file = self.path.open("a")
+        with stop_on_write_error(self.path, what="writing the metrics"):
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+            self._file = self.path.open("a")
         from tensorboardX import SummaryWriter  # imported here: only the trainer needs it
 
         self._tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step + 1)
 
     def write(self, step: int, values: dict[str, float]) -> None:
-        self._file.write(json.dumps({"step": step, **values}) + "\n")
-        self._file.flush()
+        with stop_on_write_error(self.path, what="writing the metrics"):
+            self._file.write(json.dumps({"step": step, **values}) + "\n")
+            self._file.flush()
         for key, value in values.items():
             self._tb.add_scalar(key, value, step)
 
     def close(self) -> None:
-        self._file.close()
-        self._tb.close()
+        try:
+            with stop_on_write_error(self.path, what="writing the metrics"):
+                self._file.close()
+        finally:
+            self._tb.close()
+
+
+def metrics_line_step(line: str) -> int | None:
+    """The step of a ``metrics.jsonl`` line; None for a line that does not parse as one."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) else None
 
 
 class Progress:
