@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from jaxtricks.lm.workdir import HeldStderr, folder_bytes, write_errno, write_failed
+from jaxtricks.lm.workdir import HeldStderr, checkpoint_size, write_errno, write_failed
 
 
 class CheckpointError(ValueError):
@@ -28,6 +28,7 @@ class Checkpoints:
 
     def __init__(self, workdir: str | Path, *, keep: int):
         self.directory = Path(workdir).absolute() / "checkpoints"
+        self._failed_step: int | None = None
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -75,8 +76,9 @@ class Checkpoints:
                     raise
                 stderr.discard()
                 self.remove_partial(step)
+                self._failed_step = step  # removed again on close, after Orbax's threads end
                 path = getattr(e, "filename", None) or self.directory / str(step)
-                raise write_failed(path, code, needed_bytes=self.needed_bytes(state),
+                raise write_failed(path, code, needed=self.needed(state),
                                    what=f"saving the checkpoint of step {step}") from None
 
     def remove_partial(self, step: int) -> None:
@@ -89,13 +91,14 @@ class Checkpoints:
             elif partial.exists():
                 partial.unlink(missing_ok=True)
 
-    def needed_bytes(self, state: Any) -> int:
-        """About what one checkpoint takes: the newest complete one on disk, else the state's
-        array bytes."""
-        complete = [s for s in self.steps() if (self.directory / str(s)).is_dir()]
-        if complete:
-            return folder_bytes(self.directory / str(complete[-1]))
-        return sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree.leaves(state))
+    def needed(self, state: Any) -> tuple[int, str]:
+        """About what one checkpoint takes, and what that figure is: the newest complete one on
+        disk, else the bytes of the state's arrays (the files take somewhat more)."""
+        size = checkpoint_size(self.directory)
+        if size is not None:
+            return size
+        arrays = sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree.leaves(state))
+        return arrays, "the state's arrays; the files take more"
 
     def read_config(self, step: int) -> dict:
         """The config a checkpoint was made with (cheap: reads only that item)."""
@@ -136,9 +139,18 @@ class Checkpoints:
 
     def close(self) -> None:
         try:
-            self._manager.close()
-        except Exception as e:  # a failed write that surfaces only when Orbax finishes
-            code = write_errno(e)
-            if code is None:
-                raise
-            raise write_failed(self.directory, code, what="finishing the checkpoints") from None
+            with HeldStderr() as stderr:
+                if self._failed_step is not None:  # what Orbax's threads print of that failure
+                    stderr.discard()
+                try:
+                    self._manager.close()
+                except Exception as e:  # a failed write that surfaces only when Orbax finishes
+                    code = write_errno(e)
+                    if code is None:
+                        raise
+                    stderr.discard()
+                    raise write_failed(self.directory, code,
+                                       what="finishing the checkpoints") from None
+        finally:
+            if self._failed_step is not None:
+                self.remove_partial(self._failed_step)

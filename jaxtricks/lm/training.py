@@ -211,7 +211,7 @@ def train(config: config_lib.Config, workdir: Path) -> dict[str, Any]:
         print(f"resumed from {checkpoints.directory / str(start)} at step {start}")
     state = steps.put_state(state)
     workdir.mkdir(parents=True, exist_ok=True)
-    with stop_on_write_error(workdir / "config.json"):
+    with stop_on_write_error(workdir / "config.json", checkpoints=checkpoints.directory):
         (workdir / "config.json").write_text(
             json.dumps(config_lib.to_dict(config), indent=2) + "\n")
     flops = flops_per_token(config.model, config.data.seq_len)
@@ -262,7 +262,8 @@ def train(config: config_lib.Config, workdir: Path) -> dict[str, Any]:
     # The end: the report, and a sample unless a signal cut the run short.
     from jaxtricks.lm.plots import write_report  # matplotlib: imported only when needed
 
-    with stop_on_write_error(workdir / "report.png", what="writing the report"):
+    with stop_on_write_error(workdir / "report.png", what="writing the report",
+                             checkpoints=checkpoints.directory):
         print(f"report: {write_report(workdir)}")
     if not stop.requested and tc.sample_tokens > 0:
         final_model = nnx.merge(graphdef, steps.get_state(state).params, rest)
@@ -343,6 +344,7 @@ class MetricsLog:
 
     def __init__(self, workdir: Path, resume_step: int):
         self.path = workdir / "metrics.jsonl"
+        self.checkpoints = workdir / "checkpoints"  # named when the disk is full
         kept = []
         if self.path.exists():  # drop what was logged after the checkpoint we resume from
             lines = [line for line in self.path.read_text(errors="replace").splitlines()
@@ -355,7 +357,8 @@ class MetricsLog:
                 print(f"{self.path}: dropped {torn} line(s) that do not parse (a write cut "
                       "short); the run goes on")
         tmp = self.path.with_suffix(".jsonl.tmp")
-        with stop_on_write_error(self.path, what="writing the metrics"):
+        with stop_on_write_error(self.path, what="writing the metrics",
+                                 checkpoints=self.checkpoints):
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, self.path)
             self._file = self.path.open("a")
@@ -364,7 +367,8 @@ class MetricsLog:
         self._tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step + 1)
 
     def write(self, step: int, values: dict[str, float]) -> None:
-        with stop_on_write_error(self.path, what="writing the metrics"):
+        with stop_on_write_error(self.path, what="writing the metrics",
+                                 checkpoints=self.checkpoints):
             self._file.write(json.dumps({"step": step, **values}) + "\n")
             self._file.flush()
         for key, value in values.items():
@@ -372,7 +376,8 @@ class MetricsLog:
 
     def close(self) -> None:
         try:
-            with stop_on_write_error(self.path, what="writing the metrics"):
+            with stop_on_write_error(self.path, what="writing the metrics",
+                                 checkpoints=self.checkpoints):
                 self._file.close()
         finally:
             self._tb.close()

@@ -62,20 +62,30 @@ def write_errno(error: BaseException) -> int | None:
     return None
 
 
-def write_failed(path: str | Path, code: int, *, needed_bytes: int | None = None,
+def write_failed(path: str | Path, code: int, *, needed: tuple[int, str] | None = None,
                  what: str = "") -> WriteFailed:
     """The :class:`WriteFailed` for ``path``: the errno's words and, for a full disk or quota,
-    how much a checkpoint needs."""
+    how much a checkpoint needs (``needed``: bytes, and what that figure is)."""
     message = f"cannot write {path}: {os.strerror(code)} ({errno_lib.errorcode.get(code, code)})"
     if what:
         message += f" while {what}"
-    if code in (errno_lib.ENOSPC, errno_lib.EDQUOT) and needed_bytes:
+    if code in (errno_lib.ENOSPC, errno_lib.EDQUOT) and needed:
         free = _free_bytes(path)
-        message += (f"; a checkpoint needs about {needed_bytes / 2**20:.1f} MiB"
-                    + (f" ({free / 2**20:.1f} MiB free now)" if free is not None else ""))
-    message += ("; the last complete checkpoint is kept: free space (or fix the filesystem) and "
-                "run the same command again to resume from it.")
+        message += (f"; a checkpoint needs about {needed[0] / 2**20:.1f} MiB ({needed[1]})"
+                    + (f", {free / 2**20:.1f} MiB are free" if free is not None else ""))
+    message += ("; free space (or fix the filesystem) and run the same command again: it resumes "
+                "from the last complete checkpoint.")
     return WriteFailed(message, path, code)
+
+
+def checkpoint_size(directory: Path) -> tuple[int, str] | None:
+    """The disk space of the newest complete checkpoint in ``directory`` (``<step>/`` folders)
+    and what that figure is; None when there is none."""
+    steps = sorted(int(p.name) for p in directory.glob("*") if p.name.isdigit() and p.is_dir()) \
+        if directory.is_dir() else []
+    if not steps:
+        return None
+    return folder_bytes(directory / str(steps[-1])), f"the size of checkpoint {steps[-1]}"
 
 
 def _free_bytes(path: str | Path) -> int | None:
@@ -135,14 +145,16 @@ class RunLock:
     def _link(self) -> bool:
         """Create the lock atomically, complete; False when it exists."""
         tmp = self.workdir / f".{LOCK_NAME}.{self.token}"
-        tmp.write_text(json.dumps(self._content()) + "\n")
         try:
-            os.link(tmp, self.path)
+            with stop_on_write_error(self.path, what="taking the workdir's lock",
+                                     checkpoints=self.workdir / "checkpoints"):
+                tmp.write_text(json.dumps(self._content()) + "\n")
+                os.link(tmp, self.path)
             return True
         except FileExistsError:
             return False
         finally:
-            tmp.unlink()
+            tmp.unlink(missing_ok=True)
 
     def holder(self) -> dict | None:
         """The lock's content; None when there is no lock, {} when it cannot be read."""
@@ -233,17 +245,18 @@ class RunLock:
 
 
 @contextlib.contextmanager
-def stop_on_write_error(path: str | Path, *, what: str = "", needed_bytes: int | None = None):
+def stop_on_write_error(path: str | Path, *, what: str = "", checkpoints: Path | None = None):
     """Turns an OSError of a failed write (:data:`WRITE_ERRNOS`) inside the block into
-    :class:`WriteFailed` naming ``path`` (or the file the error names)."""
+    :class:`WriteFailed` naming ``path`` (or the file the error names); for a full disk it says
+    what the newest checkpoint in ``checkpoints`` takes."""
     try:
         yield
     except OSError as e:
         code = write_errno(e)
         if code is None:
             raise
-        raise write_failed(e.filename or path, code, needed_bytes=needed_bytes,
-                           what=what) from None
+        needed = checkpoint_size(checkpoints) if checkpoints is not None else None
+        raise write_failed(e.filename or path, code, needed=needed, what=what) from None
 
 
 class HeldStderr:
