@@ -177,16 +177,22 @@ def parse_metrics(path: str | Path) -> tuple[list[dict[str, Any]], list[int]]:
     for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+        record = metrics_record(line)
+        if record is None:
             bad.append(number)
-            continue
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            bad.append(number)
-            continue
-        records.append(record)
+        else:
+            records.append(record)
     return records, bad
+
+
+def metrics_record(line: str) -> dict[str, Any] | None:
+    """One ``metrics.jsonl`` line as its JSON object; None for a line that is not a metrics line
+    (torn by a write cut short, or garbage): not JSON, or without an integer ``step``."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
 
 
 def skipped_message(path: str | Path, bad: list[int]) -> str:

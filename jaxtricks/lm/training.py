@@ -32,6 +32,7 @@ from jaxtricks.lm.checkpoint import CheckpointError, Checkpoints
 from jaxtricks.lm.config import optimizer_from_config
 from jaxtricks.lm.cpu import use_cpu_devices
 from jaxtricks.lm.model import Transformer, count_params, flops_per_token
+from jaxtricks.lm.plots import metrics_record
 from jaxtricks.lm.step import Steps, TrainState, make_steps, unreplicate_metrics
 from jaxtricks.lm.workdir import RunLock, stop_on_write_error
 
@@ -349,10 +350,10 @@ class MetricsLog:
         if self.path.exists():  # drop what was logged after the checkpoint we resume from
             lines = [line for line in self.path.read_text(errors="replace").splitlines()
                      if line.strip()]
-            steps = [metrics_line_step(line) for line in lines]
-            kept = [line for line, step in zip(lines, steps, strict=True)
-                    if step is not None and step <= resume_step]
-            if torn := steps.count(None):
+            records = [metrics_record(line) for line in lines]
+            kept = [line for line, record in zip(lines, records, strict=True)
+                    if record is not None and record["step"] <= resume_step]
+            if torn := records.count(None):
                 # A run killed (or out of disk space) mid-append leaves a torn last line.
                 print(f"{self.path}: dropped {torn} line(s) that do not parse (a write cut "
                       "short); the run goes on")
@@ -377,20 +378,10 @@ class MetricsLog:
     def close(self) -> None:
         try:
             with stop_on_write_error(self.path, what="writing the metrics",
-                                 checkpoints=self.checkpoints):
+                                     checkpoints=self.checkpoints):
                 self._file.close()
         finally:
             self._tb.close()
-
-
-def metrics_line_step(line: str) -> int | None:
-    """The step of a ``metrics.jsonl`` line; None for a line that does not parse as one."""
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None
-    step = record.get("step") if isinstance(record, dict) else None
-    return step if isinstance(step, int) else None
 
 
 class Progress:
