@@ -142,7 +142,7 @@ def test_schedule_from_config_rejects_a_warmup_as_long_as_the_run():
         config_lib.schedule_from_config(OptimizerConfig(), 0)
 
 
-@pytest.mark.parametrize("decay_all", [False, True])
+@pytest.mark.parametrize("decay_all", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_optimizer_from_config_equals_make_optimizer(decay_all):
     cfg = OptimizerConfig(name="adamw", learning_rate=0.01, schedule="cosine", warmup_steps=2,
                           clip_norm=1.0, l1=1e-3, l2=1e-3, weight_decay=0.1, decay_all=decay_all,

@@ -142,6 +142,7 @@ def test_causal(model, cpu_paths):
     assert float(jnp.abs(a[:, t:] - b[:, t:]).max()) > 1e-4  # ...but later positions do see it
 
 
+@pytest.mark.slow  # test_cpu.py compares blocked attention with one call in the quick loop
 def test_attention_blocks_do_not_change_the_model():
     tokens = _tokens(2, 16)
     model = _model(attention_blocks=4)
