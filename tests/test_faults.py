@@ -18,22 +18,13 @@ import pytest
 import train
 from jaxtricks.lm import cli, plots, training
 from jaxtricks.lm.workdir import RunLock, WorkdirLocked, write_errno
-
-TINY = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.d_ff=64",
-        "model.max_seq_len=32", "data.seq_len=32", "train.batch_size=8", "train.log_every=1",
-        "train.eval_every=100", "train.checkpoint_every=25", "train.sample_tokens=0",
-        "optimizer.warmup_steps=0"]
-STEPS = 150
+from tests.test_training import STEPS  # the tiny run of test_training.py
+from tests.test_training import _args as args
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tfds"))
-
-
-def args(workdir, data_dir, *overrides, steps=STEPS):
-    return ["--workdir", str(workdir), *TINY, f"data.data_dir={data_dir}",
-            f"train.steps={steps}", *overrides]
 
 
 def losses(workdir):
