@@ -113,6 +113,8 @@ class Checkpoints:
         Returns ``(step, state, data_state, config)``. Raises CheckpointError when no checkpoint
         in the directory can be read.
         """
+        # Arrays or ShapeDtypeStructs; their shardings say where each restored array goes, so a
+        # checkpoint saved on one mesh or process count restores onto another.
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
         errors = []
         for step in reversed(self.steps()):

@@ -37,10 +37,10 @@ class ModelConfig:
     dropout: float = 0.0
     position: Literal["learned", "rope"] = "learned"
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; parameters stay float32
-    # Causal attention over the whole sequence in this many query blocks, each attending only to
-    # the keys up to its end (the masked blocks above the diagonal are never computed); 1 = one
-    # call over the whole sequence (what cuDNN's fused kernel replaces on a GPU).
-    attention_blocks: int = 4
+    # How causal attention is computed: "xla" is jax.nn.dot_product_attention's XLA path, "cudnn"
+    # cuDNN's fused kernel (a GPU, bfloat16 or float16); "auto" takes cuDNN where it applies and on
+    # a CPU the blocked attention of jaxtricks/lm/cpu.py (the masked blocks are never computed).
+    attention: Literal["auto", "xla", "cudnn"] = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +112,26 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """How parallelism=mesh lays out the devices of all processes: data x fsdp x tensor devices,
+    their product the global device count; one of the three may be -1 (the devices left)."""
+
+    data: int = -1  # data parallel: the batch is split, parameters and optimizer state replicated
+    fsdp: int = 1  # fully sharded data parallel: the batch, parameters and optimizer state split
+    tensor: int = 1  # tensor parallel: attention heads and the MLP's hidden width split
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Several processes (hosts) in one run, through jax.distributed.initialize. All unset: one
+    process, unless a cluster is detected (a Cloud TPU VM slice, a SLURM job of several tasks)."""
+
+    coordinator: str = ""  # host:port of process 0, reachable from every process
+    num_processes: int | None = None  # processes in the run
+    process_id: int | None = None  # this process: 0 .. num_processes - 1
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """Everything a run needs."""
 
@@ -119,7 +139,12 @@ class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    parallelism: Literal["auto", "single", "pmap"] = "auto"
+    # mesh: one jitted step over a device mesh (the `mesh` keys); single: that step on one device;
+    # pmap: jax.pmap of the same step over this process's devices (data parallel, one process);
+    # auto: mesh when there is more than one device, else single.
+    parallelism: Literal["auto", "single", "pmap", "mesh"] = "auto"
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     cpu_devices: int | None = None  # split a CPU host into this many devices (None: JAX's default)
 
 
@@ -204,6 +229,18 @@ def from_dict(data: dict[str, Any]) -> Config:
     return config
 
 
+# Keys of older versions, dropped when a saved config is read (a run made before can resume).
+RETIRED_KEYS = (("model", "attention_blocks"),)  # replaced by model.attention
+
+
+def from_saved(data: dict[str, Any]) -> Config:
+    """:func:`from_dict` for a config saved with a checkpoint, without :data:`RETIRED_KEYS`."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for section, key in RETIRED_KEYS:
+        data.get(section, {}).pop(key, None)
+    return from_dict(data)
+
+
 def _all_keys(cls: type = Config, prefix: str = "") -> list[str]:
     keys = []
     hints = typing.get_type_hints(cls)
@@ -266,7 +303,7 @@ def validate(c: Config) -> None:
     for key, value in [
         ("model.vocab_size", m.vocab_size), ("model.num_layers", m.num_layers),
         ("model.d_model", m.d_model), ("model.num_heads", m.num_heads), ("model.d_ff", m.d_ff),
-        ("model.max_seq_len", m.max_seq_len), ("model.attention_blocks", m.attention_blocks),
+        ("model.max_seq_len", m.max_seq_len),
         ("data.seq_len", d.seq_len),
         ("train.steps", t.steps), ("train.batch_size", t.batch_size),
         ("train.microbatches", t.microbatches),
@@ -291,6 +328,7 @@ def validate(c: Config) -> None:
            f"a multiple of train.microbatches={t.microbatches}")
     _check(c.cpu_devices is None or c.cpu_devices >= 1, "cpu_devices", c.cpu_devices,
            "an integer >= 1, or null for JAX's default")
+    _validate_parallelism(c)
     if d.source == "text":
         _check(bool(d.path), "data.path", d.path, "a file, folder or glob when data.source=text")
     if d.source == "tfds":
@@ -317,6 +355,42 @@ def validate(c: Config) -> None:
     if o.schedule == "inverse_sqrt":
         _check(o.warmup_steps >= 1, "optimizer.warmup_steps", o.warmup_steps,
                ">= 1 with schedule=inverse_sqrt")
+
+
+def _validate_parallelism(c: Config) -> None:
+    """The mesh and distributed keys on their own (against the devices: in the trainer's
+    preflight, :func:`jaxtricks.lm.sharding.plan`)."""
+    mesh, dist = c.mesh, c.distributed
+    sizes = {"mesh.data": mesh.data, "mesh.fsdp": mesh.fsdp, "mesh.tensor": mesh.tensor}
+    for key, value in sizes.items():
+        _check(value >= 1 or value == -1, key, value, "an integer >= 1, or -1 for the devices left")
+    if list(sizes.values()).count(-1) > 1:
+        raise ConfigError(
+            "mesh.data, mesh.fsdp and mesh.tensor: at most one of them may be -1 (got "
+            + ", ".join(f"{k}={v}" for k, v in sizes.items()) + ")."
+        )
+    if c.parallelism in ("single", "pmap"):
+        for key in ("mesh.fsdp", "mesh.tensor"):
+            _check(sizes[key] == 1, key, sizes[key],
+                   f"1 with parallelism={c.parallelism} (sharding needs parallelism=mesh or auto)")
+    given = [dist.coordinator != "", dist.num_processes is not None, dist.process_id is not None]
+    if any(given) and not all(given):
+        raise ConfigError(
+            "distributed.coordinator, distributed.num_processes and distributed.process_id are set "
+            f"together or not at all (got coordinator={dist.coordinator!r}, "
+            f"num_processes={dist.num_processes!r}, process_id={dist.process_id!r})."
+        )
+    if all(given):
+        host, _, port = dist.coordinator.rpartition(":")
+        _check(bool(host) and port.isdigit() and 0 < int(port) < 65536, "distributed.coordinator",
+               dist.coordinator, "host:port of process 0, e.g. 10.0.0.1:1234")
+        _check(dist.num_processes >= 1, "distributed.num_processes", dist.num_processes,
+               "an integer >= 1")
+        _check(0 <= dist.process_id < dist.num_processes, "distributed.process_id",
+               dist.process_id, f"0 <= process_id < distributed.num_processes={dist.num_processes}")
+        _check(c.parallelism in ("auto", "mesh") or dist.num_processes == 1, "parallelism",
+               c.parallelism, "auto or mesh with several processes (single and pmap run within "
+               "one process)")
 
 
 # --------------------------------------------------------------------------- config -> optimizer

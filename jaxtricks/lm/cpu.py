@@ -25,6 +25,7 @@ from flax import nnx
 HOST_MALLOC_ENV = "JAXTRICKS_HOST_MALLOC"  # "default": leave glibc's malloc as it is
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc's <malloc.h>
 NORM_EPS = 1e-5  # PyTorch's nn.LayerNorm default, as in GPT-2 (the model's epsilon too)
+ATTENTION_BLOCKS = 4  # query blocks of causal_attention in the model (3/8 of the scores skipped)
 
 
 # --------------------------------------------------------------------------- process settings
@@ -223,8 +224,9 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_blocks: int =
     :math:`T \times T` scores for :math:`n` blocks (3/8 for 4), as FlashAttention's causal tiling
     skips them. Each block is one ``jax.nn.dot_product_attention`` call with its causal mask, so
     the result equals the one-call ``is_causal=True`` attention to float rounding.
-    ``python benchmarks/bench_step.py --variant model.attention_blocks=1`` measures the whole
-    step without it.
+    The model uses :data:`ATTENTION_BLOCKS` blocks (``model.attention=auto`` on a CPU);
+    ``python benchmarks/bench_step.py --variant model.attention=xla`` measures the whole step
+    with one call instead.
 
     Args:
       q, k, v: ``(batch, seq, heads, head_dim)``.

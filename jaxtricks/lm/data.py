@@ -13,9 +13,9 @@ its config name is a fingerprint of the corpus, so a changed corpus is prepared 
 unchanged one is reused. A document is a paragraph (blank-line separated); ``data.val_fraction`` of
 them are held out, deterministically, as the ``validation`` split.
 
-From there one pipeline serves all three, per process::
+From there one pipeline serves all three::
 
-    documents of this process's shard (doc i with i % shard_count == shard_index)
+    the split's documents
     -> shuffled per epoch (numpy permutation seeded by (seed, epoch); validation is not shuffled)
     -> read DOCS_PER_GROUP at a time, as bytes, each document followed by EOS   (grain MapDataset)
     -> concatenated and split into blocks of batch_size * (seq_len + 1) tokens  (grain packing)
@@ -23,6 +23,12 @@ From there one pipeline serves all three, per process::
 
 No token is lost or repeated within an epoch and epochs follow each other without a gap. The
 iterator is a grain ``DatasetIterator``: ``get_state()`` / ``set_state()`` resume exactly.
+
+The batches are global: every process runs the same pipeline and hands the step only its own
+rows (``jax.make_array_from_process_local_data`` in :mod:`jaxtricks.lm.step`). Packing documents
+across rows needs the lengths of all the documents before a row, so each process reads the
+global batch's documents; in exchange the sequence of batches and the iterator's state do not
+depend on the number of processes, and a run resumes on another topology with the same batches.
 """
 
 from __future__ import annotations
@@ -43,7 +49,6 @@ from pathlib import Path
 from typing import Any
 
 import grain
-import jax
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags as absl_flags
@@ -500,27 +505,15 @@ def _to_batch(packed: dict[str, np.ndarray], *, batch_size: int) -> dict[str, np
             "targets": np.ascontiguousarray(rows[:, 1:])}  # (batch, seq_len)
 
 
-def _batches(
-    cfg: DataConfig, split: str, *, batch_size: int, seed: int | None,
-    shard_index: int | None, shard_count: int | None,
-) -> grain.IterDataset:
+def _batches(cfg: DataConfig, split: str, *, batch_size: int, seed: int | None
+             ) -> grain.IterDataset:
     """Endless batches of one split (shuffled per epoch when ``seed`` is not None)."""
-    shard_index = jax.process_index() if shard_index is None else shard_index
-    shard_count = jax.process_count() if shard_count is None else shard_count
     if batch_size < 1:
         raise DataError(f"batch_size={batch_size} is out of range; allowed: an integer >= 1.")
-    if not 0 <= shard_index < shard_count:
-        raise DataError(
-            f"shard_index={shard_index} is out of range; allowed: 0 <= shard_index < "
-            f"shard_count={shard_count}."
-        )
     source, text_field = _open_split(cfg, split)
-    doc_ids = np.arange(shard_index, len(source), shard_count)
+    doc_ids = np.arange(len(source))
     if not len(doc_ids):
-        raise DataError(
-            f"the {split} split has {len(source)} documents, too few for shard {shard_index} "
-            f"of {shard_count}; allowed: at least one document per shard."
-        )
+        raise DataError(f"the {split} split has no documents; allowed: at least one.")
     groups = _DocumentGroups(source, text_field, doc_ids, seed)
     ds = grain.MapDataset.range(groups.groups_per_epoch).repeat().map_with_index(groups)
     # One reader thread, a few groups ahead: decoding overlaps the train step (which releases the
@@ -558,21 +551,17 @@ def _slices_as_tuples(state: Any) -> Any:
     return state
 
 
-def train_iterator(
-    cfg: DataConfig, *, batch_size: int, seed: int,
-    shard_index: int | None = None, shard_count: int | None = None,
-) -> grain.DatasetIterator:
-    """Endless training batches ``{'inputs', 'targets'}: int32 (batch_size, seq_len)`` of this
-    process's shard (``batch_size`` is per process). Documents are reshuffled every epoch from
-    ``seed``; ``get_state()`` / ``set_state()`` resume exactly (with the same ``batch_size``,
-    shards and ``num_workers``). Prepares the embedded / local-text corpus on first use.
+def train_iterator(cfg: DataConfig, *, batch_size: int, seed: int) -> grain.DatasetIterator:
+    """Endless training batches ``{'inputs', 'targets'}: int32 (batch_size, seq_len)``, the
+    global batch (the same on every process). Documents are reshuffled every epoch from
+    ``seed``; ``get_state()`` / ``set_state()`` resume exactly (with the same ``batch_size`` and
+    ``num_workers``). Prepares the embedded / local-text corpus on first use.
 
     >>> it = train_iterator(DataConfig(seq_len=16), batch_size=2, seed=0)  # doctest: +SKIP
     >>> next(it)["inputs"].shape  # doctest: +SKIP
     (2, 16)
     """
-    ds = _batches(cfg, "train", batch_size=batch_size, seed=seed,
-                  shard_index=shard_index, shard_count=shard_count)
+    ds = _batches(cfg, "train", batch_size=batch_size, seed=seed)
     if cfg.num_workers > 0:
         # grain 0.2.18 reads an absl flag in mp_prefetch, which fails unless absl parsed the
         # command line (google/grain#1355, fixed upstream): take the flags' defaults instead.
@@ -583,14 +572,11 @@ def train_iterator(
     return _JsonSafeIterator(iter(ds))
 
 
-def eval_batches(
-    cfg: DataConfig, *, batch_size: int, num_batches: int,
-    shard_index: int | None = None, shard_count: int | None = None,
-) -> list[dict[str, np.ndarray]]:
-    """The first ``num_batches`` batches of this shard of the validation split, in stored order
-    (no shuffle; wraps around if the split is shorter): the same on every call."""
+def eval_batches(cfg: DataConfig, *, batch_size: int, num_batches: int
+                 ) -> list[dict[str, np.ndarray]]:
+    """The first ``num_batches`` global batches of the validation split, in stored order (no
+    shuffle; wraps around if the split is shorter): the same on every call and process."""
     if num_batches < 1:
         raise DataError(f"num_batches={num_batches} is out of range; allowed: an integer >= 1.")
-    it = iter(_batches(cfg, "validation", batch_size=batch_size, seed=None,
-                       shard_index=shard_index, shard_count=shard_count))
+    it = iter(_batches(cfg, "validation", batch_size=batch_size, seed=None))
     return [next(it) for _ in range(num_batches)]

@@ -272,20 +272,16 @@ def range_test(
     import jax
 
     from jaxtricks.lm import data as data_lib
-    from jaxtricks.lm.step import make_steps, unreplicate_metrics
-    from jaxtricks.lm.training import init
+    from jaxtricks.lm.sharding import plan
+    from jaxtricks.lm.step import unreplicate_metrics
+    from jaxtricks.lm.training import build_steps
 
     data_lib.check_data(config.data)
     tc = config.train
-    _, graphdef, rest, optimizer, state = init(
-        config, learning_rate=exponential_range(min_lr, max_lr, num_steps)
-    )
-    steps = make_steps(graphdef, rest, optimizer, config.parallelism,
-                       microbatches=tc.microbatches, unroll_microbatches=tc.unroll_microbatches)
-    state = steps.put_state(state)
-    batches = data_lib.train_iterator(
-        config.data, batch_size=tc.batch_size // jax.process_count(), seed=tc.seed
-    )
+    start, steps = build_steps(config, plan(config),
+                               learning_rate=exponential_range(min_lr, max_lr, num_steps))
+    state = steps.init_state(start.create)
+    batches = data_lib.train_iterator(config.data, batch_size=tc.batch_size, seed=tc.seed)
     rng = jax.random.key(tc.seed)
 
     learning_rates = sweep_learning_rates(min_lr, max_lr, num_steps)

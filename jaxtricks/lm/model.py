@@ -24,9 +24,14 @@ Choices, and why:
   ``nnx.merge(graphdef, params)(...)`` works inside ``jax.jit`` / ``jax.pmap`` and decoding jits.
 - On the CPU backend the same model computes through :mod:`jaxtricks.lm.cpu`, written for
   XLA:CPU: LayerNorm with a hand-written backward pass, the linear and output layers as 2-D
-  matmuls, and attention without a cache in ``cfg.attention_blocks`` query blocks that skip the
-  masked keys. The parameters are the same on both paths, and so is the function (to float
-  rounding); :class:`Transformer` chooses once, when it is built (``cpu_paths``).
+  matmuls, and (``model.attention=auto``) attention without a cache in query blocks that skip
+  the masked keys. The parameters are the same on both paths, and so is the function (to float
+  rounding); :class:`Transformer` chooses once, when it is built (``cpu_paths``). On a GPU,
+  ``auto`` attention is cuDNN's fused kernel where it applies (:func:`attention_kind`).
+- Every parameter carries logical axis names (``vocab``, ``embed``, ``heads``, ``mlp``, ``norm``)
+  as Flax's ``out_sharding`` metadata; :mod:`jaxtricks.lm.sharding` maps them to mesh axes. The
+  model itself never places an array (``eager_sharding=False``): it builds, runs and jits the same
+  without a mesh.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from flax import nnx
 
 from jaxtricks.lm import cpu
 from jaxtricks.lm.config import ModelConfig
+from jaxtricks.lm.sharding import constrain
 
 INIT_STD = 0.02  # GPT-2 / nanoGPT
 NORM_EPS = cpu.NORM_EPS  # 1e-5: PyTorch's LayerNorm default, as in GPT-2
@@ -118,6 +124,27 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 # --------------------------------------------------------------------------- layers
 
 
+def attention_kind(cfg: ModelConfig, cpu_paths: bool) -> str:
+    """How attention without a cache is computed: ``"cpu_blocks"`` (:func:`cpu.causal_attention`),
+    or the ``implementation`` of ``jax.nn.dot_product_attention``: ``"cudnn"`` or ``"xla"``.
+
+    ``model.attention=auto`` takes the CPU blocks on the CPU paths, cuDNN's fused kernel on a GPU
+    when the compute dtype is bfloat16 and the head dimension a multiple of 8 up to 128 (what the
+    kernel accepts), XLA otherwise. ``xla`` and ``cudnn`` are taken as asked (the trainer refuses
+    ``cudnn`` where it cannot run, before compiling).
+    """
+    if cfg.attention != "auto":
+        return cfg.attention
+    if cpu_paths:
+        return "cpu_blocks"
+    head_dim = cfg.d_model // cfg.num_heads
+    if (jax.default_backend() == "gpu" and cfg.dtype == "bfloat16" and head_dim % 8 == 0
+            and head_dim <= 128):
+        return "cudnn"
+    return "xla"
+
+
+
 def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     """Inverted dropout; the identity when ``key`` is None (eval) or ``rate`` is 0."""
     if key is None or rate == 0.0:
@@ -126,13 +153,21 @@ def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype))
 
 
+def _axes(*names: str | None) -> dict:
+    """A parameter's logical axis names, as Flax metadata; placing it is left to the trainer."""
+    return {"out_sharding": names, "eager_sharding": False}
+
+
 def _linear(features_in: int, features_out: int, std: float, dtype, cpu_paths: bool,
-            rngs: nnx.Rngs) -> nnx.Linear:
-    """A biased ``nnx.Linear`` with float32 parameters that computes in ``dtype``."""
+            rngs: nnx.Rngs, axes: tuple[str, str]) -> nnx.Linear:
+    """A biased ``nnx.Linear`` with float32 parameters that computes in ``dtype``; ``axes`` are
+    the kernel's logical names (the bias takes the output's, ``norm`` when that is ``embed``)."""
     return nnx.Linear(
         features_in, features_out, dtype=dtype, param_dtype=jnp.float32,
         kernel_init=nnx.initializers.normal(std),
         dot_general=cpu.linear_dot_general if cpu_paths else jax.lax.dot_general, rngs=rngs,
+        kernel_metadata=_axes(*axes),
+        bias_metadata=_axes("norm" if axes[1] == "embed" else axes[1]),
     )
 
 
@@ -144,7 +179,8 @@ def _layer_norm(features: int, cpu_paths: bool) -> nnx.LayerNorm:
     # seed to the embeddings and linear layers.
     return norm(
         features, epsilon=NORM_EPS, dtype=jnp.float32, param_dtype=jnp.float32,
-        use_fast_variance=False, rngs=nnx.Rngs(0),
+        use_fast_variance=False, rngs=nnx.Rngs(0), scale_metadata=_axes("norm"),
+        bias_metadata=_axes("norm"),
     )
 
 
@@ -185,12 +221,14 @@ class CausalSelfAttention(nnx.Module):
         self.num_heads = cfg.num_heads
         self.head_dim = cfg.d_model // cfg.num_heads
         self.use_rope = cfg.position == "rope"
-        self.cpu_paths = cpu_paths
-        self.attention_blocks = cfg.attention_blocks  # query blocks of the CPU path
-        self.qkv = _linear(cfg.d_model, 3 * cfg.d_model, INIT_STD, dtype, cpu_paths, rngs)
+        self.attention = attention_kind(cfg, cpu_paths)
+        # One fused q/k/v kernel: its output axis holds q, k, v one after another, so a tensor
+        # split of it is not head-aligned (XLA moves the heads into place after the matmul).
+        self.qkv = _linear(cfg.d_model, 3 * cfg.d_model, INIT_STD, dtype, cpu_paths, rngs,
+                           axes=("embed", "heads"))
         self.proj = _linear(
             cfg.d_model, cfg.d_model, INIT_STD / math.sqrt(2 * cfg.num_layers), dtype, cpu_paths,
-            rngs,
+            rngs, axes=("heads", "embed"),
         )
 
     def __call__(self, x, positions, cache_kv=None, cache_index=None):
@@ -202,10 +240,11 @@ class CausalSelfAttention(nnx.Module):
         if self.use_rope:
             q, k = rope(q, positions), rope(k, positions)
         if cache_kv is None:
-            if self.cpu_paths:
-                y = cpu.causal_attention(q, k, v, self.attention_blocks)
+            if self.attention == "cpu_blocks":
+                y = cpu.causal_attention(q, k, v, cpu.ATTENTION_BLOCKS)
             else:
-                y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+                y = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                 implementation=self.attention)
             new_kv = None  # y: (batch, seq, heads, head_dim)
         else:
             cached_k, cached_v = cache_kv  # (batch, max_len, heads, head_dim)
@@ -229,9 +268,11 @@ class MLP(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, cpu_paths: bool, rngs: nnx.Rngs):
         dtype = jnp.dtype(cfg.dtype)
-        self.up = _linear(cfg.d_model, cfg.d_ff, INIT_STD, dtype, cpu_paths, rngs)
+        self.up = _linear(cfg.d_model, cfg.d_ff, INIT_STD, dtype, cpu_paths, rngs,
+                          axes=("embed", "mlp"))
         self.down = _linear(
-            cfg.d_ff, cfg.d_model, INIT_STD / math.sqrt(2 * cfg.num_layers), dtype, cpu_paths, rngs
+            cfg.d_ff, cfg.d_model, INIT_STD / math.sqrt(2 * cfg.num_layers), dtype, cpu_paths,
+            rngs, axes=("mlp", "embed"),
         )
 
     def __call__(self, x):  # (batch, seq, d_model) -> (batch, seq, d_ff) -> (batch, seq, d_model)
@@ -280,12 +321,12 @@ class Transformer(nnx.Module):
         self.cpu_paths = jax.default_backend() == "cpu" if cpu_paths is None else bool(cpu_paths)
         self.embed = nnx.Embed(
             cfg.vocab_size, cfg.d_model, embedding_init=nnx.initializers.normal(INIT_STD),
-            rngs=rngs,
+            rngs=rngs, embedding_metadata=_axes("vocab", "embed"),
         )
         self.pos_embed = (
             nnx.Embed(
                 cfg.max_seq_len, cfg.d_model, embedding_init=nnx.initializers.normal(INIT_STD),
-                rngs=rngs,
+                rngs=rngs, embedding_metadata=_axes(None, "embed"),
             )
             if cfg.position == "learned"
             else None  # rotary positions have no parameters
@@ -322,6 +363,7 @@ class Transformer(nnx.Module):
         x = self.embed(tokens)  # (batch, seq, d_model) float32
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
+        x = constrain(x, "batch", None, None)  # rows over the devices, the width whole
         if dropout_rng is not None:
             x = _dropout(x, cfg.dropout, jax.random.fold_in(dropout_rng, 0))
         new_keys, new_values = [], []
@@ -331,6 +373,7 @@ class Transformer(nnx.Module):
             x, new_kv = block(
                 x, positions, layer_rng, cache_kv, None if cache is None else cache.index
             )
+            x = constrain(x, "batch", None, None)
             if cache is not None:
                 new_keys.append(new_kv[0])
                 new_values.append(new_kv[1])

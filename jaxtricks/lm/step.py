@@ -1,9 +1,10 @@
-"""The training and evaluation steps: one pure per-device function each, thin jit/pmap wrappers.
+"""The training and evaluation steps: one pure function each, jitted over a mesh (or pmapped).
 
-``train_step(state, batch, rng)`` is written for one device. The gradient mean across devices is a
-``jax.lax.pmean`` over :data:`AXIS`; when the step runs under ``jax.jit`` on one device there is no
-axis, so the wrapper binds ``axis_name=None`` and the mean is the identity. Nothing else differs
-between the single-device and the pmapped step.
+``train_step(state, batch, rng)`` is written for the whole batch. Under ``jax.jit`` over a device
+mesh (:func:`make_steps`, parallelism "mesh" or "single") the state and the batch carry shardings
+and XLA inserts every collective, so ``axis_name=None``. Under ``jax.pmap`` each device sees its
+share of the batch and the gradient mean across devices is a ``jax.lax.pmean`` over :data:`AXIS`.
+Nothing else differs between the three.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxtricks.optimizer import optimizer_stats
 
@@ -47,9 +49,11 @@ def accumulate_gradients(
 ) -> tuple[jax.Array, Any]:
     """``jax.value_and_grad(loss_fn)(params, batch, rng)``, computed in ``microbatches`` parts.
 
-    Gradient accumulation inside one step: the batch's leading axis is cut into ``microbatches``
-    equal parts, ``loss_fn(params, part, jax.random.fold_in(rng, i))`` is differentiated on each
-    and the losses and gradients are averaged. For a ``loss_fn`` that is a mean over the batch
+    Gradient accumulation inside one step: the batch's leading axis is dealt into
+    ``microbatches`` equal parts (part ``i`` holds rows ``i, i + k, i + 2k, ...``, so a batch split
+    over devices in blocks of rows keeps each device's rows on it),
+    ``loss_fn(params, part, jax.random.fold_in(rng, i))`` is differentiated on each and the losses
+    and gradients are averaged. For a ``loss_fn`` that is a mean over the batch
     and does not use ``rng``, that is the whole batch's loss and gradient, to float rounding.
     With ``microbatches=1`` it is ``value_and_grad`` itself, on the same ``rng``.
 
@@ -78,7 +82,9 @@ def accumulate_gradients(
                 f"microbatches={microbatches} must divide the batch; got a batch of "
                 f"{x.shape[0]} (per device) along the leading axis."
             )
-    parts = jax.tree.map(lambda x: x.reshape(microbatches, -1, *x.shape[1:]), batch)
+    # (batch, ...) -> (microbatches, batch / microbatches, ...), row r in part r % microbatches
+    parts = jax.tree.map(
+        lambda x: x.reshape(-1, microbatches, *x.shape[1:]).swapaxes(0, 1), batch)
 
     def add_part(total, index_and_part):
         index, part = index_and_part
@@ -145,50 +151,108 @@ class Steps(NamedTuple):
 
     train: Any  # (state, batch, rng) -> (state, metrics)
     eval: Any  # (params, batch) -> loss
-    put_state: Any  # host TrainState -> device (replicated for pmap)
-    get_state: Any  # device TrainState -> one unreplicated copy
-    put_batch: Any  # host batch (global, per process) -> device
-    num_devices: int
+    init_state: Any  # (() -> TrainState) -> the state, made on the devices (sharded or replicated)
+    put_state: Any  # host TrainState -> device (one process only)
+    get_state: Any  # device TrainState -> one copy (the pmapped state's first; the mesh's as is)
+    put_batch: Any  # host global batch -> device (each process hands over its own rows)
+    state_target: Any  # abstract TrainState -> ShapeDtypeStructs with shardings (for restoring)
+    num_devices: int  # all processes together
+    parallelism: str  # "single", "pmap" or "mesh"
+    mesh: jax.sharding.Mesh | None  # None for pmap
 
 
 def make_steps(
     graphdef: nnx.GraphDef,
     rest: Any,
     optimizer: optax.GradientTransformation,
+    state: TrainState,
     parallelism: str = "auto",
     *,
+    mesh_shape: tuple[int, int, int] | None = None,
     microbatches: int = 1,
     unroll_microbatches: bool = False,
 ) -> Steps:
-    """Wrap the per-device steps in ``jax.jit`` (one device) or ``jax.pmap`` (all local devices).
+    """The train and eval steps, jitted over a device mesh (or pmapped), the state donated.
 
-    ``parallelism``: "single", "pmap", or "auto" (pmap when there is more than one local device).
-    ``microbatches`` and ``unroll_microbatches``: gradient accumulation over parts of each
-    device's batch (:func:`accumulate_gradients`).
+    ``parallelism``: "mesh" jits the step over a ``data x fsdp x tensor`` mesh of all devices
+    (``mesh_shape``; default: all on ``data``), with the state's shardings from
+    :mod:`jaxtricks.lm.sharding`; "single" is the same on a one-device mesh; "pmap" wraps the same
+    step in ``jax.pmap`` over this process's devices (the state replicated); "auto" is "mesh" with
+    more than one device, else "single". ``state`` (concrete or abstract) gives the state's
+    structure. ``microbatches`` and ``unroll_microbatches``: gradient accumulation over parts of
+    each step's batch (:func:`accumulate_gradients`).
     The state's buffers are donated: the caller must use the returned state, not the old one.
     """
-    devices = jax.local_devices()
-    use_pmap = parallelism == "pmap" or (parallelism == "auto" and len(devices) > 1)
-    axis = AXIS if use_pmap else None
+    from jaxtricks.lm import sharding as sharding_lib
+
+    if parallelism == "auto":
+        parallelism = "mesh" if jax.device_count() > 1 else "single"
+    if parallelism == "pmap":
+        return _pmap_steps(graphdef, rest, optimizer, microbatches, unroll_microbatches)
+    if parallelism == "single":
+        mesh = sharding_lib.make_mesh((1, 1, 1), jax.local_devices()[:1])
+    else:
+        mesh = sharding_lib.make_mesh(mesh_shape or (jax.device_count(), 1, 1))
+    state_sharding = sharding_lib.state_shardings(state, optimizer, mesh)
+    batch = sharding_lib.batch_sharding(mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
     train = functools.partial(
-        train_step, graphdef=graphdef, rest=rest, optimizer=optimizer, axis_name=axis,
+        train_step, graphdef=graphdef, rest=rest, optimizer=optimizer, axis_name=None,
         microbatches=microbatches, unroll_microbatches=unroll_microbatches,
     )
-    evaluate = functools.partial(eval_step, graphdef=graphdef, rest=rest, axis_name=axis)
-    if not use_pmap:
-        return Steps(
-            train=jax.jit(train, donate_argnums=0),
-            eval=jax.jit(evaluate),
-            put_state=jax.device_put,
-            get_state=lambda s: s,
-            put_batch=jax.device_put,
-            num_devices=1,
-        )
-    n = len(devices)
-    # pmap takes arrays whose leading axis is split over the devices: say so with a sharding.
-    over_devices = jax.sharding.NamedSharding(
-        jax.sharding.Mesh(np.array(devices), (AXIS,)), jax.sharding.PartitionSpec(AXIS)
+    evaluate = functools.partial(eval_step, graphdef=graphdef, rest=rest, axis_name=None)
+    rows: dict[int, slice] = {}  # this process's rows, per global batch size
+
+    def put_batch(global_batch):
+        size = next(iter(global_batch.values())).shape[0]
+        if size not in rows:
+            rows[size] = sharding_lib.process_rows(batch, size)
+        return {k: jax.make_array_from_process_local_data(batch, v[rows[size]], v.shape)
+                for k, v in global_batch.items()}
+
+    def state_target(abstract):
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            abstract, state_sharding)
+
+    return Steps(
+        train=_on_mesh(mesh, jax.jit(train, in_shardings=(state_sharding, batch, replicated),
+                                     out_shardings=(state_sharding, replicated),
+                                     donate_argnums=0)),
+        eval=_on_mesh(mesh, jax.jit(evaluate, in_shardings=(state_sharding.params, batch),
+                                    out_shardings=replicated)),
+        init_state=lambda create: jax.jit(create, out_shardings=state_sharding)(),
+        put_state=functools.partial(jax.device_put, device=state_sharding),
+        get_state=lambda s: s,
+        put_batch=put_batch,
+        state_target=state_target,
+        num_devices=mesh.size,
+        parallelism=parallelism,
+        mesh=mesh,
     )
+
+
+def _on_mesh(mesh: jax.sharding.Mesh, jitted: Any) -> Any:
+    """``jitted``, traced and called with ``mesh`` set: the model's sharding constraints of its
+    activations (:func:`jaxtricks.lm.sharding.constrain`) refer to it."""
+
+    def call(*args):
+        with jax.set_mesh(mesh):
+            return jitted(*args)
+
+    return call
+
+
+def _pmap_steps(graphdef, rest, optimizer, microbatches, unroll_microbatches) -> Steps:
+    """The same step under ``jax.pmap`` over this process's devices, the state replicated."""
+    devices = jax.local_devices()
+    n = len(devices)
+    train = functools.partial(
+        train_step, graphdef=graphdef, rest=rest, optimizer=optimizer, axis_name=AXIS,
+        microbatches=microbatches, unroll_microbatches=unroll_microbatches,
+    )
+    evaluate = functools.partial(eval_step, graphdef=graphdef, rest=rest, axis_name=AXIS)
+    # pmap takes arrays whose leading axis is split over the devices: say so with a sharding.
+    over_devices = NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)), PartitionSpec(AXIS))
 
     def put_state(state):
         return jax.device_put(jax.tree.map(lambda x: jnp.stack([x] * n), state), over_devices)
@@ -199,19 +263,25 @@ def make_steps(
             {k: v.reshape(n, -1, *v.shape[1:]) for k, v in batch.items()}, over_devices
         )
 
+    first = jax.sharding.SingleDeviceSharding(devices[0])
     return Steps(
         train=jax.pmap(train, axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=0),
         eval=jax.pmap(evaluate, axis_name=AXIS),
+        init_state=lambda create: put_state(create()),
         put_state=put_state,
         get_state=lambda s: jax.tree.map(lambda x: x[0], s),
         put_batch=put_batch,
+        state_target=lambda abstract: jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=first), abstract),
         num_devices=n,
+        parallelism="pmap",
+        mesh=None,
     )
 
 
 def unreplicate_metrics(metrics: dict[str, Any], steps: Steps) -> dict[str, float]:
     """Host floats from a metrics dict (the first device's copy under pmap: they are all equal)."""
     metrics = jax.device_get(metrics)
-    if steps.num_devices > 1:
+    if steps.parallelism == "pmap":
         metrics = {k: v[0] for k, v in metrics.items()}
     return {k: float(np.asarray(v)) for k, v in metrics.items()}

@@ -28,13 +28,15 @@ from flax import nnx
 
 from jaxtricks.lm import config as config_lib
 from jaxtricks.lm import data as data_lib
+from jaxtricks.lm import sharding as sharding_lib
 from jaxtricks.lm.checkpoint import CheckpointError, Checkpoints
 from jaxtricks.lm.config import optimizer_from_config
 from jaxtricks.lm.cpu import use_cpu_devices
 from jaxtricks.lm.model import Transformer, count_params, flops_per_token
 from jaxtricks.lm.plots import metrics_record
+from jaxtricks.lm.sharding import Plan, is_main_process
 from jaxtricks.lm.step import Steps, TrainState, make_steps, unreplicate_metrics
-from jaxtricks.lm.workdir import RunLock, stop_on_write_error
+from jaxtricks.lm.workdir import RunLock, WorkdirLocked, stop_on_write_error
 
 # Dense bf16 peak FLOP/s per chip, for MFU. Matched as a substring of jax's device_kind.
 PEAK_FLOPS = {
@@ -104,44 +106,68 @@ def check_resumable(saved: dict, config: config_lib.Config) -> list[str]:
 
 
 class Init(NamedTuple):
-    """A freshly initialized model, split for the step, with its optimizer and train state."""
+    """A model, split for the step, with its optimizer and step-0 train state (both abstract:
+    shapes and dtypes, with ``abstract=True``), and ``create``, which makes that state."""
 
     model: Transformer
     graphdef: nnx.GraphDef
     rest: Any  # nnx.State of what is not a parameter (merged back unchanged)
     optimizer: optax.GradientTransformation
     state: TrainState
+    create: Any  # () -> the step-0 TrainState (Steps.init_state jits it onto the devices)
 
 
-def init(config: config_lib.Config, *, learning_rate: Any = None) -> Init:
-    """The model, the optimizer (``learning_rate`` replaces the schedule) and the step-0 state."""
-    model = Transformer(config.model, rngs=nnx.Rngs(config.train.seed))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+def init(config: config_lib.Config, *, learning_rate: Any = None, abstract: bool = False) -> Init:
+    """The model, the optimizer (``learning_rate`` replaces the schedule) and the step-0 state;
+    with ``abstract``, their shapes only (nothing is allocated: the trainer makes the state on
+    the devices, sharded, with ``create``)."""
     optimizer = optimizer_from_config(config.optimizer, config.train.steps,
                                       learning_rate=learning_rate)
-    return Init(model, graphdef, rest, optimizer,
-                TrainState(jnp.int32(0), params, optimizer.init(params)))
+
+    def new_model() -> Transformer:
+        return Transformer(config.model, rngs=nnx.Rngs(config.train.seed))
+
+    def create() -> TrainState:
+        params = nnx.state(new_model(), nnx.Param)
+        return TrainState(jnp.int32(0), params, optimizer.init(params))
+
+    model = nnx.eval_shape(new_model) if abstract else new_model()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    state = (jax.eval_shape(create) if abstract
+             else TrainState(jnp.int32(0), params, optimizer.init(params)))
+    return Init(model, graphdef, rest, optimizer, state, create)
 
 
-def preflight(config: config_lib.Config, workdir: Path) -> None:
-    """Every check that can fail on bad input, before anything is compiled or written.
+def build_steps(config: config_lib.Config, plan: Plan, *, learning_rate: Any = None
+                ) -> tuple[Init, Steps]:
+    """:func:`init` (abstract) and the steps over ``plan``'s devices: what a run and the
+    learning-rate range test compile."""
+    start = init(config, learning_rate=learning_rate, abstract=True)
+    steps = make_steps(start.graphdef, start.rest, start.optimizer, start.state, plan.parallelism,
+                       mesh_shape=plan.mesh_shape, microbatches=config.train.microbatches,
+                       unroll_microbatches=config.train.unroll_microbatches)
+    return start, steps
 
-    It also starts JAX's backends, with ``config.cpu_devices`` CPU devices when that is set.
+
+def preflight(config: config_lib.Config, workdir: Path) -> Plan:
+    """Every check that can fail on bad input, before anything is compiled or written; returns
+    how the step runs on the devices.
+
+    It also starts JAX's backends, with ``config.cpu_devices`` CPU devices when that is set, and
+    ``jax.distributed`` when the config asks for several processes or a cluster is detected.
     """
     try:
         use_cpu_devices(config.cpu_devices)
     except ValueError as e:
         raise config_lib.ConfigError(str(e)) from None
-    devices = jax.local_devices()
-    if config.parallelism != "single" and len(devices) > 1 or config.parallelism == "pmap":
-        n = len(devices) * jax.process_count()
-        k = config.train.microbatches
-        if config.train.batch_size % (n * k):
-            fewer = ", fewer cpu_devices" if config.cpu_devices else ""
-            parts = f" times train.microbatches={k}" if k > 1 else ""
+    sharding_lib.start_processes(config.distributed)
+    plan = sharding_lib.plan(config)
+    if config.model.attention == "cudnn":
+        backend = jax.default_backend()
+        if backend != "gpu" or config.model.dtype != "bfloat16":
             raise config_lib.ConfigError(
-                f"train.batch_size={config.train.batch_size} must be divisible by the number of "
-                f"devices ({n}){parts}; use a multiple of {n * k}{fewer} or parallelism=single."
+                f"model.attention='cudnn' needs a GPU and model.dtype=bfloat16 (this run: "
+                f"backend {backend}, dtype {config.model.dtype}); allowed here: auto or xla."
             )
     data_lib.check_data(config.data)
     existing = workdir
@@ -149,6 +175,7 @@ def preflight(config: config_lib.Config, workdir: Path) -> None:
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise config_lib.ConfigError(f"workdir {str(workdir)!r} is not writable.")
+    return plan
 
 
 # --------------------------------------------------------------------------- the loop
@@ -169,62 +196,58 @@ def run(config: config_lib.Config, workdir: str | Path) -> dict[str, Any]:
     workdir = Path(workdir)
 
     # Bad input is refused here, before anything is compiled or written.
-    preflight(config, workdir)
+    plan = preflight(config, workdir)
 
     # One run per workdir: its lock is the first thing written, and it is released however the
-    # run ends. Process 0 alone takes it (the other processes learning its outcome before they
-    # write is left to the scale-out work).
-    with RunLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
-        return train(config, workdir)
+    # run ends. Process 0 takes it; the others go on only if it did.
+    with workdir_lock(workdir):
+        return train(config, workdir, plan)
 
 
-def train(config: config_lib.Config, workdir: Path) -> dict[str, Any]:
+def train(config: config_lib.Config, workdir: Path, plan: Plan) -> dict[str, Any]:
     """The whole of training, once :func:`run` has checked the input and locked the workdir."""
     tc = config.train
+    main = is_main_process()  # process 0 prints and writes the logs; every process saves
 
     # Workdir and checkpoint: a workdir with a checkpoint resumes from the newest one.
     checkpoints = Checkpoints(workdir, keep=tc.keep_checkpoints)
     resume_from = checkpoints.latest_step()
     if resume_from is not None:
         for change in check_resumable(read_saved_config(checkpoints, resume_from), config):
-            print(f"resuming with a changed config: {change}")
+            say(f"resuming with a changed config: {change}")
 
-    # Model and optimizer.
-    model, graphdef, rest, optimizer, state = init(config)
+    # Mesh, model and optimizer, and the step: one function jitted over the mesh (or pmapped),
+    # the state sharded as the logical axis rules say and donated. Nothing is allocated yet.
+    start_state, steps = build_steps(config, plan)
+    rng = jax.random.key(tc.seed)  # the step folds in the step number
 
-    # Step: one jitted function (pmapped over several local devices), the state donated.
-    steps = make_steps(graphdef, rest, optimizer, config.parallelism,
-                       microbatches=tc.microbatches, unroll_microbatches=tc.unroll_microbatches)
-    rng = jax.random.key(tc.seed)  # the step folds in the step number (and the device)
-
-    # Data: each process reads its own shard.
-    per_process_batch = tc.batch_size // jax.process_count()
-    train_iter = data_lib.train_iterator(config.data, batch_size=per_process_batch, seed=tc.seed)
-    eval_set = data_lib.eval_batches(config.data, batch_size=per_process_batch,
+    # Data: global batches, the same on every process; each hands the step its own rows.
+    train_iter = data_lib.train_iterator(config.data, batch_size=tc.batch_size, seed=tc.seed)
+    eval_set = data_lib.eval_batches(config.data, batch_size=tc.batch_size,
                                      num_batches=tc.eval_batches)
 
-    # Resume: the checkpoint's state and data position. Only now is anything (but the lock)
-    # written.
+    # State: restored onto this run's devices (whatever mesh saved it) or made on them, sharded.
+    # Only now is anything (but the lock) written.
     start = 0
     if resume_from is not None:
-        start, state, data_state, _ = checkpoints.restore(state)
+        start, state, data_state, _ = checkpoints.restore(steps.state_target(start_state.state))
+        if steps.parallelism == "pmap":
+            state = steps.put_state(state)
         train_iter.set_state(data_state)
-        print(f"resumed from {checkpoints.directory / str(start)} at step {start}")
-    state = steps.put_state(state)
-    workdir.mkdir(parents=True, exist_ok=True)
-    with stop_on_write_error(workdir / "config.json", checkpoints=checkpoints.directory):
-        (workdir / "config.json").write_text(
-            json.dumps(config_lib.to_dict(config), indent=2) + "\n")
+        say(f"resumed from {checkpoints.directory / str(start)} at step {start}")
+    else:
+        state = steps.init_state(start_state.create)
+    if main:
+        write_run_files(workdir, config, steps, state, checkpoints.directory)
     flops = flops_per_token(config.model, config.data.seq_len)
-    device = jax.local_devices()[0]
-    print(f"model: {count_params(model) / 1e6:.2f}M parameters, {flops / 1e6:.1f} MFLOPs per "
-          f"token; {steps.num_devices} x {device.device_kind} "
-          f"({'pmap' if steps.num_devices > 1 else 'jit'})")
+    say(f"model: {count_params(start_state.model) / 1e6:.2f}M parameters, {flops / 1e6:.1f} "
+        f"MFLOPs per token; {describe_devices(steps)}")
 
     # What the loop does besides stepping, each at its own frequency.
-    progress = Progress(tc.steps, start)
+    progress = Progress(tc.steps, start, quiet=not main)
     train_log = TrainLog(
-        MetricsLog(workdir, start), progress, every=tc.log_every, last_step=tc.steps,
+        MetricsLog(workdir, start) if main else NoMetricsLog(), progress, every=tc.log_every,
+        last_step=tc.steps,
         throughput=Throughput(start, tokens_per_step=tc.batch_size * config.data.seq_len,
                               flops_per_token=flops, peak_flops=total_peak_flops(steps)),
     )
@@ -235,7 +258,8 @@ def train(config: config_lib.Config, workdir: Path) -> dict[str, Any]:
     # waits for the device.
     pending = None
     try:
-        with StopRequest() as stop:  # SIGTERM / SIGINT: save a checkpoint after this step, leave
+        # SIGTERM / SIGINT (to any process): every process saves after the same step and leaves.
+        with StopRequest(several_processes=jax.process_count() > 1) as stop:
             for step in range(start + 1, tc.steps + 1):
                 batch = steps.put_batch(next(train_iter))
                 state, metrics = steps.train(state, batch, rng)
@@ -245,12 +269,13 @@ def train(config: config_lib.Config, workdir: Path) -> dict[str, Any]:
                 progress.advance()
                 if is_due(step, tc.eval_every, tc.steps):
                     latest.update(evaluate_and_log(steps, state.params, eval_set, step, train_log))
-                if is_due(step, tc.checkpoint_every, tc.steps) or stop.requested:
+                stopping = stop.check(step)
+                if is_due(step, tc.checkpoint_every, tc.steps) or stopping:
                     checkpoints.save(step, steps.get_state(state), train_iter.get_state(),
                                      config_lib.to_dict(config))
-                if stop.requested:
-                    print(f"received {stop.signal_name}: saved a checkpoint at step {step} in "
-                          f"{checkpoints.directory}; run the same command again to resume.")
+                if stopping:
+                    say(f"received {stop.signal_name}: saved a checkpoint at step {step} in "
+                        f"{checkpoints.directory}; run the same command again to resume.")
                     break
             if pending is not None:
                 latest.update(finish_step(*pending, steps, train_log, nonfinite))
@@ -261,18 +286,88 @@ def train(config: config_lib.Config, workdir: Path) -> dict[str, Any]:
     close_all(train_log, checkpoints, train_iter)
 
     # The end: the report, and a sample unless a signal cut the run short.
-    from jaxtricks.lm.plots import write_report  # matplotlib: imported only when needed
+    if main:
+        from jaxtricks.lm.plots import write_report  # matplotlib: imported only when needed
 
-    with stop_on_write_error(workdir / "report.png", what="writing the report",
-                             checkpoints=checkpoints.directory):
-        print(f"report: {write_report(workdir)}")
+        with stop_on_write_error(workdir / "report.png", what="writing the report",
+                                 checkpoints=checkpoints.directory):
+            say(f"report: {write_report(workdir)}")
     if not stop.requested and tc.sample_tokens > 0:
-        final_model = nnx.merge(graphdef, steps.get_state(state).params, rest)
-        print("sample:\n" + sample_text(final_model, tc.sample_prompt, tc.sample_tokens, tc.seed))
+        params = gathered(steps.get_state(state).params)  # every process takes part
+        if main:
+            final_model = nnx.merge(start_state.graphdef, params, start_state.rest)
+            say("sample:\n" + sample_text(final_model, tc.sample_prompt, tc.sample_tokens,
+                                           tc.seed))
     return latest
 
 
 # --------------------------------------------------------------------------- the loop's helpers
+
+
+def say(message: str) -> None:
+    """Print on process 0 (the others would repeat it)."""
+    if is_main_process():
+        print(message)
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: Path):
+    """The workdir's :class:`RunLock`, taken by process 0; every process goes on only if it was
+    (the others raise WorkdirLocked, process 0 its own error)."""
+    lock, error = None, None
+    if is_main_process():
+        try:
+            lock = RunLock(workdir).acquire()
+        except Exception as e:  # WorkdirLocked, WriteFailed: the others must not wait for us
+            error = e
+    if not sharding_lib.agree(error is None):
+        raise error or WorkdirLocked(
+            f"process 0 could not take the lock of workdir {workdir} (its output says why).")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def describe_devices(steps: Steps) -> str:
+    """E.g. ``4 x cpu, mesh data 1 x fsdp 2 x tensor 2, 2 processes``."""
+    where = f"{steps.num_devices} x {jax.devices()[0].device_kind}, {steps.parallelism}"
+    if steps.mesh is not None and steps.parallelism == "mesh":
+        where += " " + " x ".join(f"{name} {size}" for name, size in steps.mesh.shape.items())
+    if jax.process_count() > 1:
+        where += f", {jax.process_count()} processes"
+    return where
+
+
+def write_run_files(workdir: Path, config: config_lib.Config, steps: Steps, state: TrainState,
+                    checkpoint_dir: Path) -> None:
+    """``config.json`` and ``run.json``: the devices, the mesh and the state's bytes (in all, and
+    on the device that holds the most), so a user sees what sharding saved."""
+    total, per_device = sharding_lib.state_bytes(steps.get_state(state))
+    run = {
+        "parallelism": steps.parallelism,
+        "mesh": None if steps.mesh is None else dict(steps.mesh.shape),
+        "process_count": jax.process_count(),
+        "device_count": steps.num_devices,
+        "local_device_count": jax.local_device_count(),
+        "device_kind": jax.devices()[0].device_kind,
+        "state_bytes": total,
+        "state_bytes_per_device": per_device,
+    }
+    workdir.mkdir(parents=True, exist_ok=True)
+    for name, content in [("config.json", config_lib.to_dict(config)), ("run.json", run)]:
+        with stop_on_write_error(workdir / name, checkpoints=checkpoint_dir):
+            (workdir / name).write_text(json.dumps(content, indent=2) + "\n")
+
+
+def gathered(tree: Any) -> Any:
+    """``tree`` with every array whole on this process (a collective: all processes call it)."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def is_due(step: int, every: int, last_step: int) -> bool:
@@ -317,13 +412,14 @@ def read_saved_config(checkpoints: Checkpoints, step: int) -> dict:
 
 def total_peak_flops(steps: Steps) -> float | None:
     """The peak FLOP/s of all the devices the step runs on, or None when the chip is unknown."""
-    peak = peak_flops(jax.local_devices()[0])
+    peak = peak_flops(jax.devices()[0])
     return None if peak is None else peak * steps.num_devices
 
 
 def evaluate(steps: Steps, params: Any, eval_set: list[dict[str, np.ndarray]]) -> dict[str, float]:
     """Mean validation loss over the fixed evaluation batches, in nats and in bits per byte."""
-    losses = [float(steps.eval(params, steps.put_batch(batch)).mean()) for batch in eval_set]
+    losses = [float(np.mean(np.asarray(steps.eval(params, steps.put_batch(batch)))))
+              for batch in eval_set]
     val_loss = float(np.mean(losses))
     # Byte-level tokens: one token per byte (the end-of-document token counted as one).
     return {"val_loss": val_loss, "val_bits_per_byte": val_loss / math.log(2)}
@@ -384,15 +480,26 @@ class MetricsLog:
             self._tb.close()
 
 
-class Progress:
-    """A tqdm bar on a terminal; elsewhere (a log file, CI) one plain line per logged step."""
+class NoMetricsLog:
+    """What a process other than 0 writes of the metrics: nothing."""
 
-    def __init__(self, total_steps: int, start: int):
+    def write(self, step: int, values: dict[str, float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class Progress:
+    """A tqdm bar on a terminal; elsewhere (a log file, CI) one plain line per logged step;
+    nothing when ``quiet`` (the processes other than 0)."""
+
+    def __init__(self, total_steps: int, start: int, *, quiet: bool = False):
         from tqdm import tqdm
 
-        self.total_steps = total_steps
+        self.total_steps, self.quiet = total_steps, quiet
         self.bar = tqdm(total=total_steps, initial=start, unit="step", dynamic_ncols=True,
-                        disable=None if sys.stderr.isatty() else True)
+                        disable=None if sys.stderr.isatty() and not quiet else True)
 
     def advance(self) -> None:
         self.bar.update(1)
@@ -401,6 +508,8 @@ class Progress:
         shown = {"loss": f"{metrics['loss']:.3f}", "lr": f"{metrics['learning_rate']:.2e}"}
         if "tokens_per_s" in metrics:
             shown["tok_s"] = f"{metrics['tokens_per_s']:,.0f}"
+        if self.quiet:
+            return
         if self.bar.disable:
             print(f"step {step}/{self.total_steps}: "
                   + ", ".join(f"{k} {v}" for k, v in shown.items()))
@@ -408,7 +517,8 @@ class Progress:
             self.bar.set_postfix(shown)
 
     def write(self, line: str) -> None:
-        self.bar.write(line)
+        if not self.quiet:
+            self.bar.write(line)
 
     def close(self) -> None:
         self.bar.close()
@@ -494,9 +604,16 @@ class NonFiniteGuard:
 
 
 class StopRequest:
-    """Turns SIGTERM and SIGINT into a flag the loop checks after each step (it saves, leaves)."""
+    """Turns SIGTERM and SIGINT into a stop the loop checks after each step (it saves, leaves).
 
-    def __init__(self):
+    With several processes, a signal to any of them stops all after the same step: JAX's
+    preemption service (started by ``jax.distributed.initialize``) catches SIGTERM and
+    ``multihost_utils.reached_preemption_sync_point`` makes the processes agree on the step;
+    SIGINT is passed on to it as SIGTERM.
+    """
+
+    def __init__(self, *, several_processes: bool = False):
+        self.several_processes = several_processes
         self.signal_name: str | None = None
         self._previous = {}
 
@@ -504,13 +621,28 @@ class StopRequest:
     def requested(self) -> bool:
         return self.signal_name is not None
 
+    def check(self, step: int) -> bool:
+        """Whether the run stops after ``step`` (every process calls it at every step)."""
+        if self.several_processes and not self.requested:
+            from jax.experimental import multihost_utils
+
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.signal_name = "a stop signal (SIGTERM or SIGINT, to one of the processes)"
+        return self.requested
+
     def __enter__(self) -> StopRequest:
+        if self.several_processes:  # SIGTERM is left to JAX's preemption service
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._pass_on)
+            return self
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
         self.signal_name = signal.Signals(signum).name
+
+    def _pass_on(self, signum, frame) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
@@ -533,8 +665,10 @@ def load_model(workdir: str | Path) -> tuple[config_lib.Config, Transformer, int
     step = checkpoints.latest_step()
     if step is None:
         raise CheckpointError(f"no checkpoint in {checkpoints.directory}; train one with train.py.")
-    config = config_lib.from_dict(checkpoints.read_config(step))
-    _, graphdef, rest, _, state = init(config)
-    step, state, _, _ = checkpoints.restore(state)
+    config = config_lib.from_saved(checkpoints.read_config(step))
+    start = init(config, abstract=True)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    step, state, _, _ = checkpoints.restore(jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), start.state))
     checkpoints.close()
-    return config, nnx.merge(graphdef, state.params, rest), step
+    return config, nnx.merge(start.graphdef, state.params, start.rest), step
