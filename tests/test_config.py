@@ -190,3 +190,11 @@ def test_default_config_builds_and_reports():
     stats = jaxtricks.optimizer_stats(state)
     assert float(stats["learning_rate"]) == 0.0  # warmup from 0: the first update uses step 0
     assert {"grad_norm", "clipped", "skipped", "skipped_step"} <= set(stats)
+
+
+def test_a_saved_config_with_a_retired_key_still_loads():
+    saved = config_lib.to_dict(config_lib.load(None, ["model.num_layers=2"]))
+    saved["model"]["attention_blocks"] = 4  # what runs saved before model.attention
+    assert config_lib.from_saved(saved) == config_lib.load(None, ["model.num_layers=2"])
+    with pytest.raises(ConfigError, match="unknown config key 'model.attention_blocks'"):
+        config_lib.from_dict(saved)

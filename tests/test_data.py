@@ -142,19 +142,6 @@ def test_eval_batches_are_fixed_and_wrap_around(corpus):
     assert docs[len(val):2 * len(val)] == val  # the split again, in the same order
 
 
-def test_shards_partition_the_documents(corpus):
-    cfg, _ = corpus
-    everything = one_epoch(documents(stream(take(data.train_iterator(cfg, batch_size=4, seed=0),
-                                                 80))))
-    shards = [one_epoch(documents(stream(take(
-        data.train_iterator(cfg, batch_size=2, seed=0, shard_index=i, shard_count=3), 80))))
-        for i in range(3)]
-    assert sorted(sum(shards, [])) == sorted(everything)
-    for i in range(3):
-        for j in range(i):
-            assert not set(shards[i]) & set(shards[j])
-
-
 @pytest.mark.parametrize("skip", [0, 1, 7, 30])  # 0: the state before any batch
 def test_resume_from_state_is_exact(corpus, skip):
     cfg, _ = corpus
@@ -590,10 +577,6 @@ def test_tfds_errors(tmp_path, tiny_lines):
 
 def test_argument_errors(tiny_lines):
     cfg = tiny_lines
-    with pytest.raises(data.DataError, match="shard_index=3 is out of range"):
-        data.train_iterator(cfg, batch_size=2, seed=0, shard_index=3, shard_count=3)
-    with pytest.raises(data.DataError, match="too few for shard 40 of 41"):
-        data.train_iterator(cfg, batch_size=2, seed=0, shard_index=40, shard_count=41)
     with pytest.raises(data.DataError, match="batch_size=0 is out of range"):
         data.train_iterator(cfg, batch_size=0, seed=0)
     with pytest.raises(data.DataError, match="num_batches=0 is out of range"):

@@ -13,7 +13,14 @@ from flax import nnx
 
 from jaxtricks.lm import cpu
 from jaxtricks.lm.config import ModelConfig
-from jaxtricks.lm.model import KVCache, Transformer, count_params, flops_per_token, init_cache
+from jaxtricks.lm.model import (
+    KVCache,
+    Transformer,
+    attention_kind,
+    count_params,
+    flops_per_token,
+    init_cache,
+)
 
 TINY = ModelConfig(num_layers=2, d_model=32, num_heads=4, d_ff=64, max_seq_len=16)
 GPT2_SMALL = ModelConfig(
@@ -143,13 +150,24 @@ def test_causal(model, cpu_paths):
 
 
 @pytest.mark.slow  # test_cpu.py compares blocked attention with one call in the quick loop
-def test_attention_blocks_do_not_change_the_model():
+def test_attention_choices_do_not_change_the_model():
     tokens = _tokens(2, 16)
-    model = _model(attention_blocks=4)
-    for blocks in (1, 3):
-        other = nnx.merge(_graphdef(_cfg(attention_blocks=blocks), True), nnx.state(model))
-        np.testing.assert_allclose(forward(other, tokens), forward(model, tokens),
-                                   rtol=1e-5, atol=1e-5)
+    model = _model()  # on the CPU paths: attention in cpu.ATTENTION_BLOCKS query blocks
+    assert model.blocks[0].attn.attention == "cpu_blocks"
+    other = nnx.merge(_graphdef(_cfg(attention="xla"), True), nnx.state(model))
+    assert other.blocks[0].attn.attention == "xla"
+    np.testing.assert_allclose(forward(other, tokens), forward(model, tokens),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_auto_attention_falls_back_where_cudnn_does_not_apply():
+    # This is a CPU: auto takes the blocked attention on the CPU paths and XLA's otherwise; a GPU
+    # would take cuDNN for bfloat16 and a head dimension it accepts.
+    assert jax.default_backend() == "cpu"
+    assert attention_kind(_cfg(), cpu_paths=True) == "cpu_blocks"
+    assert attention_kind(_cfg(dtype="bfloat16"), cpu_paths=False) == "xla"
+    assert attention_kind(_cfg(attention="xla"), cpu_paths=True) == "xla"
+    assert attention_kind(_cfg(attention="cudnn"), cpu_paths=False) == "cudnn"  # as asked
 
 
 def test_explicit_positions():
@@ -328,7 +346,7 @@ def test_both_paths_give_the_same_loss_and_gradients(position, dropout, dtype):
     dropout masks are the same: both draw them from the same keys)."""
     params = nnx.state(_model(position=position))  # neither dropout nor dtype is a parameter
     cfg = _cfg(position=position, dropout=dropout, dtype=dtype)
-    tokens = _tokens(4, 17, seed=4)  # 16 positions: cfg.attention_blocks=4 query blocks
+    tokens = _tokens(4, 17, seed=4)  # 16 positions: cpu.ATTENTION_BLOCKS=4 query blocks
     rng = jax.random.key(5) if dropout else None
     loss_cpu, grads_cpu = _loss_and_grads(_graphdef(cfg, True), params, tokens, rng)
     loss_plain, grads_plain = _loss_and_grads(_graphdef(cfg, False), params, tokens, rng)

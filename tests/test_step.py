@@ -28,10 +28,10 @@ TRAINING_TINY = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", 
 
 def _setup(overrides=(), parallelism="single"):
     config = config_lib.load(None, TINY + list(overrides))
-    _, graphdef, rest, optimizer, state = init(config)
-    steps = make_steps(graphdef, rest, optimizer, parallelism,
+    start = init(config)
+    steps = make_steps(start.graphdef, start.rest, start.optimizer, start.state, parallelism,
                        microbatches=config.train.microbatches)
-    return config, steps, state
+    return config, steps, start.state
 
 
 def _batch(seed=0, batch=8, seq=16):
@@ -153,10 +153,10 @@ def test_microbatched_steps_follow_the_whole_batch_and_scanned_ones_use_less_mem
     config, batch = config_lib.load(None, TINY), _batch(0)
     runs, temp_bytes = {}, {}
     for k, unroll in [(1, False), (4, False), (4, True)]:
-        _, graphdef, rest, optimizer, state = init(config)
-        steps = make_steps(graphdef, rest, optimizer, "single", microbatches=k,
-                           unroll_microbatches=unroll)
-        state, rng = steps.put_state(state), jax.random.key(0)
+        start = init(config)
+        steps = make_steps(start.graphdef, start.rest, start.optimizer, start.state, "single",
+                           microbatches=k, unroll_microbatches=unroll)
+        state, rng = steps.put_state(start.state), jax.random.key(0)
         compiled = steps.train.lower(state, steps.put_batch(batch), rng).compile()
         temp_bytes[k, unroll] = compiled.memory_analysis().temp_size_in_bytes
         losses = []

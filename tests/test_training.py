@@ -293,14 +293,20 @@ def test_empty_or_one_paragraph_data_and_unwritable_workdir_are_refused_early(tm
     assert blocker.read_text() == "x"
 
 
-def test_batch_must_divide_over_the_devices_and_microbatches(tmp_path, data_dir, monkeypatch):
-    monkeypatch.setattr(jax, "local_devices", lambda: [jax.devices()[0]] * 8)
+def test_a_mesh_that_does_not_match_the_devices_is_refused_before_any_write(tmp_path, data_dir):
+    # tests/test_sharding.py checks every rule of the plan; here, that run applies it in time.
     workdir = tmp_path / "run"
-    assert ("train.batch_size=12 must be divisible by the number of devices (8); use a multiple "
-            "of 8") in _refused_by_run(_config(data_dir, "train.batch_size=12"), workdir)
-    assert ("train.batch_size=24 must be divisible by the number of devices (8) times "
-            "train.microbatches=2; use a multiple of 16") in _refused_by_run(
-        _config(data_dir, "train.batch_size=24", "train.microbatches=2"), workdir)
+    message = _refused_by_run(_config(data_dir, "mesh.fsdp=2"), workdir)
+    assert ("mesh.data=-1, mesh.fsdp=2, mesh.tensor=1: the sizes set (2 devices) must divide the "
+            "1 devices of this run") in message
+    assert not workdir.exists()
+
+
+def test_cudnn_attention_on_a_cpu_is_refused_before_any_write(tmp_path, data_dir):
+    workdir = tmp_path / "run"
+    assert ("model.attention='cudnn' needs a GPU and model.dtype=bfloat16 (this run: backend cpu, "
+            "dtype float32); allowed here: auto or xla.") in _refused_by_run(
+        _config(data_dir, "model.attention=cudnn"), workdir)
     assert not workdir.exists()
 
 

@@ -20,6 +20,7 @@ cluster is detected; :func:`plan` checks the mesh against the devices before any
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, NamedTuple
 
@@ -109,17 +110,24 @@ def agree(ok: bool) -> bool:
 
 
 def plan(config: Config) -> Plan:
-    """The step's layout on this run's devices; ConfigError (naming the key, the value and what is
-    allowed) for a mesh that does not match the devices, or a batch, head count, MLP width or
-    model width it does not divide. Starts JAX's backends."""
-    n, local = jax.device_count(), jax.local_device_count()
+    """The step's layout on this run's devices (:func:`plan_for`). Starts JAX's backends."""
+    return plan_for(config, jax.device_count(), jax.local_device_count(), jax.process_count())
+
+
+def plan_for(config: Config, num_devices: int, local_devices: int, processes: int) -> Plan:
+    """The step's layout on ``num_devices`` devices (``local_devices`` of them in this process,
+    ``processes`` processes); ConfigError (naming the key, the value and what is allowed) for a
+    mesh that does not match the devices, or a batch, head count, MLP width or model width it
+    does not divide."""
+    n, local = num_devices, local_devices
     parallelism = config.parallelism
-    if parallelism == "auto":
-        parallelism = "mesh" if n > 1 else "single"
-    if jax.process_count() > 1 and parallelism != "mesh":
+    if parallelism == "auto":  # a mesh asked for is checked against the devices, even one
+        asked = any(size not in (-1, 1) for size in dataclasses.astuple(config.mesh))
+        parallelism = "mesh" if n > 1 or asked else "single"
+    if processes > 1 and parallelism != "mesh":
         raise ConfigError(
             f"parallelism={config.parallelism!r} runs within one process, but this run has "
-            f"{jax.process_count()}; allowed: auto or mesh."
+            f"{processes}; allowed: auto or mesh."
         )
     tc, m = config.train, config.model
     if parallelism == "pmap":
@@ -127,7 +135,7 @@ def plan(config: Config) -> Plan:
     elif parallelism == "single":
         shape, split = (1, 1, 1), 1
     else:
-        shape = mesh_shape(config, n)
+        shape = mesh_shape(config, n, f"{processes} process(es) x {local}")
         split = shape[0] * shape[1]
     if tc.batch_size % (split * tc.microbatches):
         parts = f" times train.microbatches={tc.microbatches}" if tc.microbatches > 1 else ""
@@ -149,8 +157,9 @@ def plan(config: Config) -> Plan:
     return Plan(parallelism, shape, local if shape is None else math.prod(shape))
 
 
-def mesh_shape(config: Config, num_devices: int) -> tuple[int, int, int]:
-    """``(data, fsdp, tensor)`` of ``config.mesh`` on ``num_devices`` devices, its -1 resolved."""
+def mesh_shape(config: Config, num_devices: int, devices_are: str = "") -> tuple[int, int, int]:
+    """``(data, fsdp, tensor)`` of ``config.mesh`` on ``num_devices`` devices, its -1 resolved
+    (``devices_are``: how the error message details the devices)."""
     sizes = {"mesh.data": config.mesh.data, "mesh.fsdp": config.mesh.fsdp,
              "mesh.tensor": config.mesh.tensor}
     given = ", ".join(f"{k}={v}" for k, v in sizes.items())
@@ -165,7 +174,7 @@ def mesh_shape(config: Config, num_devices: int) -> tuple[int, int, int]:
     elif known != num_devices:
         raise ConfigError(
             f"{given}: their product ({known}) must equal the devices of this run "
-            f"({num_devices}: {jax.process_count()} process(es) x {jax.local_device_count()}); "
+            f"({num_devices}{': ' + devices_are if devices_are else ''}); "
             "set one of them to -1 to take the devices left."
         )
     return sizes["mesh.data"], sizes["mesh.fsdp"], sizes["mesh.tensor"]

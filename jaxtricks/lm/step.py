@@ -215,10 +215,10 @@ def make_steps(
                             abstract, state_sharding)
 
     return Steps(
-        train=_on_mesh(mesh, jax.jit(train, in_shardings=(state_sharding, batch, replicated),
+        train=_OnMesh(mesh, jax.jit(train, in_shardings=(state_sharding, batch, replicated),
                                      out_shardings=(state_sharding, replicated),
                                      donate_argnums=0)),
-        eval=_on_mesh(mesh, jax.jit(evaluate, in_shardings=(state_sharding.params, batch),
+        eval=_OnMesh(mesh, jax.jit(evaluate, in_shardings=(state_sharding.params, batch),
                                     out_shardings=replicated)),
         init_state=lambda create: jax.jit(create, out_shardings=state_sharding)(),
         put_state=functools.partial(jax.device_put, device=state_sharding),
@@ -231,15 +231,23 @@ def make_steps(
     )
 
 
-def _on_mesh(mesh: jax.sharding.Mesh, jitted: Any) -> Any:
-    """``jitted``, traced and called with ``mesh`` set: the model's sharding constraints of its
-    activations (:func:`jaxtricks.lm.sharding.constrain`) refer to it."""
+class _OnMesh:
+    """A jitted function traced, lowered and called with ``mesh`` set: the model's sharding
+    constraints of its activations (:func:`jaxtricks.lm.sharding.constrain`) refer to it."""
 
-    def call(*args):
-        with jax.set_mesh(mesh):
-            return jitted(*args)
+    def __init__(self, mesh: jax.sharding.Mesh, jitted: Any):
+        self.mesh, self.jitted = mesh, jitted
 
-    return call
+    def __call__(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self.jitted(*args)
+
+    def lower(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self.jitted.lower(*args)
+
+    def __getattr__(self, name: str) -> Any:  # e.g. _cache_size
+        return getattr(self.jitted, name)
 
 
 def _pmap_steps(graphdef, rest, optimizer, microbatches, unroll_microbatches) -> Steps:
