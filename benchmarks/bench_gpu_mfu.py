@@ -1,129 +1,116 @@
-"""Model FLOPs utilization of the real train step for configs/gpt2_small.yaml on one GPU.
+"""Model FLOPs utilization of the trainer's step for configs/gpt2_small.yaml on all local GPUs.
 
-The step is jaxtricks' own: ``Transformer`` + ``optimizer_from_config`` of the config's optimizer
-(adamw, clip, cosine, weight decay, skip_nonfinite) + ``make_steps(..., "single")``, compiled
-ahead of time from the jitted step (the same executable the trainer's first call builds), with
-its donated state. The tokens are synthetic (uniform random ids, one batch placed on the device
-once), so no dataset is needed; the speed does not depend on the token values.
+The step is the one a run compiles: ``plan = sharding.plan(config)`` (parallelism auto: one
+device, or a ``data x fsdp x tensor`` mesh of all of them, all on ``data`` unless ``--mesh`` says
+otherwise), ``training.build_steps(config, plan)``, the state made on the devices, sharded, by
+``steps.init_state(start.create)``. The model computes in bfloat16 with ``model.attention=auto``
+(cuDNN's fused attention on a GPU; the table names the implementation the model took and the one
+found in the compiled HLO). The step is compiled ahead of time (the same executable the trainer's
+first call builds) and timed in blocks after a warm-up. The tokens are synthetic (uniform random
+ids, one global batch placed once with ``steps.put_batch``): the speed does not depend on them,
+and no dataset library (tensorflow-datasets, grain) or tensorboardX is imported.
 
 MFU = tokens/s x ``flops_per_token`` (6N + 12 L T d, PaLM's estimate, as the trainer logs it) /
-``--peak-tflops`` (dense bf16; default 989, H100's and H200's). The script imports only the
-trainer's config, model and step: no dataset library (tensorflow-datasets, grain) is needed.
-
-``--attention xla,cudnn`` measures both attention implementations in one run: ``xla`` is the
-model as written (``jax.nn.dot_product_attention(implementation=None)``, which jax resolves to
-its XLA implementation); ``cudnn`` swaps in ``implementation="cudnn"`` (cuDNN's fused flash
-attention; bf16/fp16 on an NVIDIA GPU) by wrapping ``jax.nn.dot_product_attention`` inside this
-script, without touching model.py. The implementation actually compiled is read from the HLO
-(cuDNN's fused attention is a ``__cudnn$fmha`` custom call).
+(``training.peak_flops(device)`` x devices).
 
 Usage:
-  python benchmarks/bench_gpu_mfu.py                        # one GPU: both attentions
-  python benchmarks/bench_gpu_mfu.py --batch-size 32 --attention cudnn
-  python benchmarks/bench_gpu_mfu.py --quick                # tiny model on CPU (smoke test)
+  python benchmarks/bench_gpu_mfu.py                      # all local GPUs, the batch on `data`
+  python benchmarks/bench_gpu_mfu.py --mesh 1,8,1         # data,fsdp,tensor: FSDP over 8 GPUs
+  python benchmarks/bench_gpu_mfu.py --batch-size 32 --set model.attention=xla
+  python benchmarks/bench_gpu_mfu.py --quick              # tiny model on CPU (smoke test)
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
+import types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import build_step, machine_line, markdown_table, median, trainer  # noqa: E402
+from common import machine_line, markdown_table, median, tokens  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = ["model.dtype=bfloat16", "model.attention=auto"]
 QUICK_OVERRIDES = [  # a tiny model that compiles and runs in seconds on a CPU
     "model.vocab_size=512", "model.num_layers=2", "model.d_model=64", "model.num_heads=2",
     "model.d_ff=256", "model.max_seq_len=64", "data.seq_len=64",
 ]
-IMPLEMENTATIONS = ("xla", "cudnn")
+BATCH_PER_DEVICE = 16  # sequences: GPT-2 small at 1024 tokens fits an 80 GB GPU with room
+WARMUP_STEPS = 3
 
 
-@contextlib.contextmanager
-def attention_implementation(name: str):
-    """Make every ``jax.nn.dot_product_attention`` call use ``implementation=name``.
+def import_training():
+    """``jaxtricks.lm.training`` without its data pipeline: training.py imports
+    ``jaxtricks.lm.data`` (tensorflow-datasets, grain) at the top, but only a run's data loading
+    uses it, never this script; an empty module stands in for it where it is not imported yet."""
+    sys.modules.setdefault("jaxtricks.lm.data", types.ModuleType("jaxtricks.lm.data"))
+    from jaxtricks.lm import training
 
-    ``xla`` leaves the model as written (it passes ``implementation=None``: XLA as of jax 0.10).
-    model.py looks the function up on ``jax.nn`` at trace time, so replacing the attribute while
-    the step is traced is enough.
-    """
-    import jax
-
-    if name == "xla":
-        yield
-        return
-    original = jax.nn.dot_product_attention
-
-    def attention(*args, implementation=None, **kwargs):
-        del implementation  # the model's choice (None) is what we override
-        return original(*args, implementation=name, **kwargs)
-
-    jax.nn.dot_product_attention = attention
-    try:
-        yield
-    finally:
-        jax.nn.dot_product_attention = original
+    return training
 
 
 def compiled_attention(hlo_text: str) -> str:
     """Which attention the compiled step runs, read from its optimized HLO."""
-    if "__cudnn$fmha" in hlo_text or "cudnn$fmha" in hlo_text:
+    if "cudnn$fmha" in hlo_text:
         return "cuDNN fused (__cudnn$fmha)"
-    return "XLA (dots + softmax)"
+    return "XLA or CPU blocks (no cuDNN call)"
 
 
-def measure(config, implementation: str, batch_size: int, steps: int, blocks: int,
-            peak: float | None) -> dict:
-    """Compile and time the train step of ``config`` with one attention implementation."""
+def measure(config, plan, steps_per_block: int, blocks: int) -> dict:
+    """Compile and time the train step of ``config`` over ``plan``'s devices."""
     import jax
     import numpy as np
 
-    jax.clear_caches()
-    device = jax.local_devices()[0]
-    api = trainer()
-    built = build_step(api, config, config.train.steps, "single", batch_size)
-    train_steps, state, batch, rng = built.steps, built.state, built.batch, built.rng
-    mc, seq = config.model, config.data.seq_len
+    from jaxtricks.lm import sharding
+    from jaxtricks.lm.model import attention_kind, count_params, flops_per_token
 
-    with attention_implementation(implementation):
-        start = time.perf_counter()
-        lowered = train_steps.train.lower(state, batch, rng)  # trace + lower to StableHLO
-        lower_s = time.perf_counter() - start
-    start = time.perf_counter()
-    step = lowered.compile()  # XLA: the executable jax.jit would run
-    compile_s = time.perf_counter() - start
-    attention = compiled_attention(step.as_text())
+    training = import_training()
+    start, steps = training.build_steps(config, plan)
+    state = steps.init_state(start.create)
+    ids = tokens(config.model.vocab_size, config.train.batch_size, config.data.seq_len)
+    batch = steps.put_batch({"inputs": ids[:, :-1], "targets": ids[:, 1:]})
+    rng = jax.random.key(0)
 
-    for _ in range(3):  # warm up (autotuning, allocator)
+    begin = time.perf_counter()
+    lowered = steps.train.lower(state, batch, rng)  # trace + lower to StableHLO
+    lower_s = time.perf_counter() - begin
+    begin = time.perf_counter()
+    step = lowered.compile()  # XLA: the executable the trainer's jitted step runs
+    compile_s = time.perf_counter() - begin
+
+    for _ in range(WARMUP_STEPS):  # autotuning, the allocator
         state, metrics = step(state, batch, rng)
     jax.block_until_ready((state, metrics))
     times = []
     for _ in range(blocks):
-        start = time.perf_counter()
-        for _ in range(steps):
+        begin = time.perf_counter()
+        for _ in range(steps_per_block):
             state, metrics = step(state, batch, rng)
         jax.block_until_ready((state, metrics))
-        times.append((time.perf_counter() - start) / steps)
-    step_s = median(times)
-    loss = float(metrics["loss"])
+        times.append((time.perf_counter() - begin) / steps_per_block)
+    loss = float(np.mean(jax.device_get(metrics["loss"])))  # pmap: one copy per device
     if not np.isfinite(loss):
-        raise RuntimeError(f"the step produced a non-finite loss ({loss}) with {implementation}")
+        raise RuntimeError(f"the step produced a non-finite loss ({loss})")
 
-    tokens_per_s = batch_size * seq / step_s
-    flops = api.flops_per_token(mc, seq) * tokens_per_s
-    peak = peak if device.platform == "gpu" else None
+    device, seq = jax.local_devices()[0], config.data.seq_len
+    step_s = median(times)
+    tokens_per_s = config.train.batch_size * seq / step_s
+    flops = flops_per_token(config.model, seq) * tokens_per_s
+    peak = training.peak_flops(device)
+    peak = peak and peak * steps.num_devices
     stats = device.memory_stats() or {}
     return {
-        "device": device.device_kind, "implementation": implementation, "attention": attention,
-        "batch": f"{batch_size}x{seq}", "params": api.count_params(built.model),
-        "step_ms": 1e3 * step_s,
-        "tokens_per_s": tokens_per_s, "tflops": flops / 1e12,
-        "mfu": None if peak is None else flops / peak, "peak": peak,
-        "lower_s": lower_s, "compile_s": compile_s, "loss": loss,
-        "peak_mem_gb": stats.get("peak_bytes_in_use", 0) / 1e9 or None,
+        "device": device.device_kind, "devices": steps.num_devices,
+        "layout": "pmap" if steps.mesh is None else " x ".join(
+            str(steps.mesh.shape[axis]) for axis in sharding.MESH_AXES),
+        "attention": attention_kind(config.model, cpu_paths=start.model.cpu_paths),
+        "compiled": compiled_attention(step.as_text()),
+        "batch": f"{config.train.batch_size}x{seq}", "params": count_params(start.model),
+        "step_ms": 1e3 * step_s, "tokens_per_s": tokens_per_s, "tflops": flops / 1e12,
+        "mfu": peak and flops / peak, "peak": peak, "lower_s": lower_s, "compile_s": compile_s,
+        "loss": loss, "mem_gb": stats.get("peak_bytes_in_use", 0) / 1e9 or None,
     }
 
 
@@ -131,15 +118,14 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=os.path.join(REPO, "configs", "gpt2_small.yaml"))
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="sequences per step on the one device (default 16; --quick: 4)")
-    parser.add_argument("--attention", default=None,
-                        help="comma-separated from xla, cudnn (default both; --quick: xla)")
-    parser.add_argument("--steps", type=int, default=20, help="steps per timed block")
+                        help=f"global batch in sequences (default {BATCH_PER_DEVICE} per device; "
+                             "--quick: 4 per device)")
+    parser.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR",
+                        help="mesh sizes, e.g. 1,8,1 (default: all devices on data)")
+    parser.add_argument("--steps", type=int, default=10, help="steps per timed block")
     parser.add_argument("--blocks", type=int, default=3, help="timed blocks (median reported)")
-    parser.add_argument("--peak-tflops", type=float, default=989.0,
-                        help="the GPU's dense bf16 peak (default: H100 and H200, 989)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="config overrides, e.g. model.dtype=float32 data.seq_len=512")
+                        help="config overrides, e.g. model.attention=xla data.seq_len=512")
     parser.add_argument("--quick", action="store_true",
                         help="a tiny model on any backend (CPU included): a smoke test")
     args = parser.parse_args(argv)
@@ -147,6 +133,7 @@ def main(argv=None) -> None:
     import jax
 
     from jaxtricks.lm import config as config_lib
+    from jaxtricks.lm import sharding
 
     backend = jax.default_backend()
     if not args.quick and backend != "gpu":
@@ -155,39 +142,42 @@ def main(argv=None) -> None:
             f"(devices: {jax.devices()}). Run it on a machine with a GPU and jax[cuda], or use "
             "--quick for the tiny CPU smoke run."
         )
-    overrides = (QUICK_OVERRIDES if args.quick else []) + list(args.set)
-    config = config_lib.load(args.config, overrides)
-    batch_size = args.batch_size or (4 if args.quick else 16)
+    mesh = []
+    if args.mesh:
+        sizes = args.mesh.split(",")
+        if len(sizes) != 3 or not all(n.lstrip("-").isdigit() for n in sizes):
+            sys.exit(f"--mesh {args.mesh!r}: give three sizes DATA,FSDP,TENSOR, e.g. 1,8,1.")
+        mesh = ["parallelism=mesh", *(f"mesh.{axis}={n}" for axis, n
+                                      in zip(("data", "fsdp", "tensor"), sizes, strict=True))]
+    per_device = 4 if args.quick else BATCH_PER_DEVICE
+    batch_size = args.batch_size or per_device * jax.device_count()
+    overrides = ((QUICK_OVERRIDES if args.quick else []) + MODEL + mesh
+                 + [f"train.batch_size={batch_size}"] + list(args.set))
     if args.quick:
         args.steps, args.blocks = min(args.steps, 3), min(args.blocks, 2)
-    implementations = (args.attention or ("xla" if args.quick else "xla,cudnn")).split(",")
-    for name in implementations:
-        if name not in IMPLEMENTATIONS:
-            sys.exit(f"--attention: {name!r} is not one of {', '.join(IMPLEMENTATIONS)}.")
-        if name == "cudnn" and backend != "gpu":
-            sys.exit("--attention cudnn needs an NVIDIA GPU (cuDNN); use --attention xla here.")
-
+    try:
+        config = config_lib.load(args.config, overrides)
+        plan = sharding.plan(config)  # the mesh and the batch checked against the devices
+    except config_lib.ConfigError as e:
+        sys.exit(f"bench_gpu_mfu.py: {e}")
     print(f"machine: {machine_line(('jax', 'jaxlib', 'jax-cuda12-plugin', 'flax', 'optax'))}")
-    print(f"config: {os.path.relpath(args.config, REPO)} {' '.join(overrides)}".rstrip())
-    print(f"model dtype {config.model.dtype}; synthetic random tokens; median of {args.blocks} "
-          f"blocks of {args.steps} steps after 3 warm-up steps\n")
-    rows = []
-    for name in implementations:
-        r = measure(config, name, batch_size, args.steps, args.blocks, 1e12 * args.peak_tflops)
-        rows.append([
-            r["device"], name, r["attention"], r["batch"], f"{r['params'] / 1e6:.1f}M",
-            f"{r['step_ms']:.1f}", f"{r['tokens_per_s']:,.0f}", f"{r['tflops']:.2f}",
-            "n/a (no peak for this device)" if r["mfu"] is None else f"**{100 * r['mfu']:.1f}%**",
-            f"{r['lower_s']:.1f} + {r['compile_s']:.1f}",
-            "n/a" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.1f}",
-            f"{r['loss']:.3f}",
-        ])
-    peak = rows and r["peak"]
+    print(f"config: {os.path.relpath(args.config, REPO)} {' '.join(overrides)}")
+    print(f"synthetic random tokens; median of {args.blocks} blocks of {args.steps} steps after "
+          f"{WARMUP_STEPS} warm-up steps\n")
+    r = measure(config, plan, args.steps, args.blocks)
+    print(f"attention: the model took {r['attention']!r}; compiled: {r['compiled']}\n")
+    peak = r["peak"]
     print(markdown_table(
-        ["device", "--attention", "attention compiled", "batch x seq", "params", "step ms",
-         "tokens/s", "model TFLOP/s", f"MFU (peak {peak / 1e12:.0f} TFLOP/s)" if peak else "MFU",
-         "compile s (trace+lower + XLA)", "peak device GB", "loss"],
-        rows,
+        ["device", "devices", "mesh data x fsdp x tensor", "attention", "batch x seq", "params",
+         "step ms", "tokens/s", "model TFLOP/s",
+         f"MFU (peak {peak / 1e12:,.0f} TFLOP/s)" if peak else "MFU",
+         "compile s (trace+lower + XLA)", "peak GB per device", "loss"],
+        [[r["device"], r["devices"], r["layout"], r["attention"], r["batch"],
+          f"{r['params'] / 1e6:.1f}M", f"{r['step_ms']:.1f}", f"{r['tokens_per_s']:,.0f}",
+          f"{r['tflops']:.2f}",
+          "n/a (no peak for this device)" if r["mfu"] is None else f"**{100 * r['mfu']:.1f}%**",
+          f"{r['lower_s']:.1f} + {r['compile_s']:.1f}",
+          "n/a" if r["mem_gb"] is None else f"{r['mem_gb']:.1f}", f"{r['loss']:.3f}"]],
     ))
 
 

@@ -204,7 +204,9 @@ TRAINER_NAMES = {
     "unreplicate_metrics": ("lm.step", "step"),
     "tune_host_malloc": ("lm.cpu", "lm.step", "step"),
     "use_cpu_devices": ("lm.cpu", "lm.step", "step"),
+    "plan": ("lm.sharding",),  # since the step runs over a mesh; None before
 }
+OPTIONAL_NAMES = ("plan",)  # names an older checkout may lack
 
 
 def trainer(path: str | None = None, package: str = "jaxtricks") -> types.SimpleNamespace:
@@ -231,7 +233,9 @@ def trainer(path: str | None = None, package: str = "jaxtricks") -> types.Simple
                 found[name] = getattr(found_in, name)
                 break
         else:
-            raise ImportError(f"none of {package}'s modules {', '.join(modules)} has {name}")
+            if name not in OPTIONAL_NAMES:
+                raise ImportError(f"none of {package}'s modules {', '.join(modules)} has {name}")
+            found[name] = None
     origin = os.path.dirname(os.path.dirname(sys.modules[package].__file__))
     if path is not None and os.path.realpath(origin) != os.path.realpath(path):
         raise ImportError(f"{package} was imported from {origin}, not from {path}")
@@ -249,19 +253,39 @@ def build_step(api: types.SimpleNamespace, config, total_steps: int, parallelism
                batch_size: int | None = None, **model_kwargs: Any) -> types.SimpleNamespace:
     """``config``'s model (``model_kwargs``: more arguments of its constructor), optimizer and
     jitted train step, built as ``training.run`` builds them (``api``: :func:`trainer`), with the
-    step-0 state and one batch of :func:`tokens` placed as the step takes them."""
+    step-0 state and one batch of :func:`tokens` placed as the step takes them.
+
+    ``parallelism`` and ``batch_size`` replace the config's. The step of a checkout whose
+    ``make_steps`` takes the state (its structure gives the shardings) runs over
+    ``sharding.plan(config)``'s mesh; an older checkout's ``make_steps(graphdef, rest, optimizer,
+    parallelism, ...)`` is called as it was.
+    """
+    import dataclasses
+    import inspect
+
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
+    if parallelism is not None:
+        config = dataclasses.replace(config, parallelism=parallelism)
+    if batch_size is not None:
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train,
+                                                                       batch_size=batch_size))
     model = api.Transformer(config.model, rngs=nnx.Rngs(config.train.seed), **model_kwargs)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     optimizer = api.optimizer_from_config(config.optimizer, total_steps)
+    state = api.TrainState(jnp.int32(0), params, optimizer.init(params))
     t = config.train
-    steps = api.make_steps(graphdef, rest, optimizer, parallelism or config.parallelism,
-                           microbatches=t.microbatches, unroll_microbatches=t.unroll_microbatches)
-    state = steps.put_state(api.TrainState(jnp.int32(0), params, optimizer.init(params)))
-    ids = tokens(config.model.vocab_size, batch_size or t.batch_size, config.data.seq_len)
+    accumulate = {"microbatches": t.microbatches, "unroll_microbatches": t.unroll_microbatches}
+    if "state" in inspect.signature(api.make_steps).parameters:
+        plan = api.plan(config)
+        steps = api.make_steps(graphdef, rest, optimizer, state, plan.parallelism,
+                               mesh_shape=plan.mesh_shape, **accumulate)
+    else:
+        steps = api.make_steps(graphdef, rest, optimizer, config.parallelism, **accumulate)
+    state = steps.put_state(state)
+    ids = tokens(config.model.vocab_size, t.batch_size, config.data.seq_len)
     batch = steps.put_batch({"inputs": ids[:, :-1], "targets": ids[:, 1:]})
     return types.SimpleNamespace(model=model, steps=steps, state=state, batch=batch,
                                  rng=jax.random.key(0))

@@ -32,9 +32,12 @@ NUMBER = r"[\d,]+(?:\.\d+)?"
 OLD_COMMIT = "cf55d55"  # the last commit with the trainer in jaxtricks/ (before jaxtricks/lm/)
 
 
-def _run(python, *args: str) -> str:
-    """``python *args`` in a child Python (conftest's ``python`` fixture); its standard output."""
-    proc = python.run(*args, env={"XLA_FLAGS": "--xla_backend_optimization_level=0"}, timeout=900)
+def _run(python, *args: str, devices: int = 1) -> str:
+    """``python *args`` in a child Python (conftest's ``python`` fixture) with ``devices`` CPU
+    devices; its standard output."""
+    flags = ("--xla_backend_optimization_level=0 "
+             f"--xla_force_host_platform_device_count={devices}")
+    proc = python.run(*args, env={"XLA_FLAGS": flags}, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 
@@ -139,20 +142,32 @@ def test_bench_step_baseline_runs_an_older_checkout(python, tmp_path):
 
 @pytest.mark.slow
 def test_bench_gpu_mfu_quick_runs_on_cpu_without_the_data_libraries(python):
-    """Synthetic tokens: the script runs with tensorflow-datasets, grain and tensorboardX absent."""
+    """Synthetic tokens: the script runs with tensorflow-datasets, grain and tensorboardX absent,
+    on one device and over a 1 x 2 x 1 mesh (FSDP) of two."""
     code = ("import runpy, sys\n"
-            "for name in ('tensorflow_datasets', 'grain', 'tensorboardX'):\n"
+            "blocked = ('tensorflow_datasets', 'grain', 'tensorboardX')\n"
+            "for name in blocked:\n"
             "    sys.modules[name] = None  # import fails\n"
-            "sys.argv = ['bench_gpu_mfu.py', '--quick']\n"
-            "runpy.run_path('benchmarks/bench_gpu_mfu.py', run_name='__main__')\n")
-    (row,) = _table(_run(python, "-c", code), "device")
-    assert [row["device"], row["--attention"], row["attention compiled"], row["batch x seq"]] == [
-        "cpu", "xla", "XLA (dots + softmax)", "4x64"]
-    step_ms, tokens_per_s = _positive(row["step ms"]), _positive(row["tokens/s"])
-    assert tokens_per_s == pytest.approx(256 / (step_ms / 1e3), rel=0.05)
-    assert row["MFU"].startswith("n/a")  # no peak FLOP/s for a CPU
-    assert re.fullmatch(r"\d+\.\d \+ \d+\.\d", row["compile s (trace+lower + XLA)"]), row
-    assert float(row["loss"]) == pytest.approx(6.24, abs=0.3)  # random tokens: about log(512)
+            "sys.argv = ['bench_gpu_mfu.py', '--quick', *sys.argv[1:]]\n"
+            "runpy.run_path('benchmarks/bench_gpu_mfu.py', run_name='__main__')\n"
+            "print('still blocked:', all(sys.modules[n] is None for n in blocked))\n")
+    rows = {}
+    for devices, mesh in ((1, []), (2, ["--mesh", "1,2,1"])):
+        out = _run(python, "-c", code, *mesh, devices=devices)
+        assert "still blocked: True" in out
+        assert "attention: the model took 'cpu_blocks'; compiled: XLA or CPU blocks" in out
+        (rows[devices],) = _table(out, "device")
+    assert [[r["device"], r["devices"], r["mesh data x fsdp x tensor"], r["attention"],
+             r["batch x seq"]] for r in rows.values()] == [
+        ["cpu", "1", "1 x 1 x 1", "cpu_blocks", "4x64"], ["cpu", "2", "1 x 2 x 1", "cpu_blocks",
+                                                           "8x64"]]
+    for row in rows.values():
+        step_ms, tokens_per_s = _positive(row["step ms"]), _positive(row["tokens/s"])
+        batch, seq = (int(n) for n in row["batch x seq"].split("x"))
+        assert tokens_per_s == pytest.approx(batch * seq / (step_ms / 1e3), rel=0.05)
+        assert row["MFU"].startswith("n/a")  # no peak FLOP/s for a CPU
+        assert re.fullmatch(r"\d+\.\d \+ \d+\.\d", row["compile s (trace+lower + XLA)"]), row
+        assert float(row["loss"]) == pytest.approx(6.24, abs=0.3)  # random tokens: about log(512)
 
 
 # --------------------------------------------------------------------------- in-process
@@ -326,23 +341,11 @@ def test_others_share_counts_own_cpu_time_and_page_faults():
 def test_bench_gpu_mfu_refuses_without_a_gpu(capsys):
     message = _exit_message(capsys, bench_gpu_mfu.main)
     assert "measures MFU on a GPU" in message and "--quick" in message
-    message = _exit_message(capsys, bench_gpu_mfu.main, "--quick", "--attention", "cudnn")
-    assert "needs an NVIDIA GPU" in message
+    message = _exit_message(capsys, bench_gpu_mfu.main, "--quick", "--mesh", "1,2")
+    assert "give three sizes DATA,FSDP,TENSOR" in message
 
 
-def test_attention_override_reaches_the_model():
-    """The --attention cudnn switch replaces the implementation the model passes (None)."""
-    seen = []
-    original = jax.nn.dot_product_attention
-    jax.nn.dot_product_attention = lambda *a, implementation=None, **k: seen.append(implementation)
-    try:
-        with bench_gpu_mfu.attention_implementation("cudnn"):
-            jax.nn.dot_product_attention(None, None, None, implementation=None)
-        with bench_gpu_mfu.attention_implementation("xla"):
-            jax.nn.dot_product_attention(None, None, None, implementation=None)
-    finally:
-        jax.nn.dot_product_attention = original
-    assert seen == ["cudnn", None]
+def test_compiled_attention_finds_cudnn_in_the_hlo():
     assert bench_gpu_mfu.compiled_attention('custom_call_target="__cudnn$fmhaSoftmax"') \
         .startswith("cuDNN")
     assert bench_gpu_mfu.compiled_attention("dot(...)").startswith("XLA")
