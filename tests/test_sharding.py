@@ -137,7 +137,7 @@ def test_processes_start_only_where_asked_or_a_cluster_is_detected(monkeypatch, 
 
 # --------------------------------------------------------------------------- the trainer (slow)
 
-TINY = ["model.num_layers=2", "model.d_model=32", "model.num_heads=2", "model.d_ff=64",
+TINY = ["model.num_layers=2", "model.d_model=64", "model.num_heads=4", "model.d_ff=256",
         "model.max_seq_len=32", "data.seq_len=32", "train.batch_size=8", "train.steps=12",
         "optimizer.warmup_steps=2", "train.log_every=1", "train.eval_every=6",
         "train.checkpoint_every=6", "train.sample_tokens=0"]
@@ -262,7 +262,8 @@ def test_a_signal_to_one_process_stops_every_process_at_the_same_step(python, tm
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides, message", [
     (["mesh.data=3"], "their product (3) must equal the devices of this run (4: 1 process(es)"),
-    (["mesh.tensor=4"], "model.num_heads=2 must be a multiple of mesh.tensor=4"),
+    (["mesh.tensor=4", "model.num_heads=2"],
+     "model.num_heads=2 must be a multiple of mesh.tensor=4"),
     (["mesh.fsdp=4", "train.batch_size=6"], "train.batch_size=6 must be divisible by mesh.data"),
 ])
 def test_bad_meshes_stop_train_py_before_anything_is_written(python, tmp_path, data_dir,

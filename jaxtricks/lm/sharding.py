@@ -216,13 +216,15 @@ def state_shardings(state: Any, optimizer: optax.GradientTransformation,
 
 def constrain(x: jax.Array, *logical: str | None) -> jax.Array:
     """``x`` held as its logical axes say (``jax.lax.with_sharding_constraint``) when it is traced
-    under a mesh (the steps of :func:`jaxtricks.lm.step.make_steps` are); unchanged otherwise.
+    under a mesh of :data:`MESH_AXES` (the steps of :func:`jaxtricks.lm.step.make_steps` are);
+    unchanged otherwise.
 
     The model marks its activations ``("batch", None, None)``: rows split over ``data x fsdp``,
     the rest whole. Without it XLA may follow the FSDP-split parameters into the activations
     and split them along the model width instead of the batch.
     """
-    if jax.sharding.get_abstract_mesh().empty:
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):  # e.g. jax.pmap's own mesh
         return x
     rules = dict(LOGICAL_AXIS_RULES)
     return jax.lax.with_sharding_constraint(
