@@ -26,7 +26,6 @@ import argparse
 import os
 import sys
 import time
-import types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine_line, markdown_table, median, tokens  # noqa: E402
@@ -41,16 +40,6 @@ BATCH_PER_DEVICE = 16  # sequences: GPT-2 small at 1024 tokens fits an 80 GB GPU
 WARMUP_STEPS = 3
 
 
-def import_training():
-    """``jaxtricks.lm.training`` without its data pipeline: training.py imports
-    ``jaxtricks.lm.data`` (tensorflow-datasets, grain) at the top, but only a run's data loading
-    uses it, never this script; an empty module stands in for it where it is not imported yet."""
-    sys.modules.setdefault("jaxtricks.lm.data", types.ModuleType("jaxtricks.lm.data"))
-    from jaxtricks.lm import training
-
-    return training
-
-
 def compiled_attention(hlo_text: str) -> str:
     """Which attention the compiled step runs, read from its optimized HLO."""
     if "cudnn$fmha" in hlo_text:
@@ -63,10 +52,9 @@ def measure(config, plan, steps_per_block: int, blocks: int) -> dict:
     import jax
     import numpy as np
 
-    from jaxtricks.lm import sharding
+    from jaxtricks.lm import sharding, training  # training imports no data library
     from jaxtricks.lm.model import attention_kind, count_params, flops_per_token
 
-    training = import_training()
     start, steps = training.build_steps(config, plan)
     state = steps.init_state(start.create)
     ids = tokens(config.model.vocab_size, config.train.batch_size, config.data.seq_len)

@@ -27,7 +27,6 @@ import optax
 from flax import nnx
 
 from jaxtricks.lm import config as config_lib
-from jaxtricks.lm import data as data_lib
 from jaxtricks.lm import sharding as sharding_lib
 from jaxtricks.lm.checkpoint import CheckpointError, Checkpoints
 from jaxtricks.lm.config import optimizer_from_config
@@ -169,6 +168,8 @@ def preflight(config: config_lib.Config, workdir: Path) -> Plan:
                 f"model.attention='cudnn' needs a GPU and model.dtype=bfloat16 (this run: "
                 f"backend {backend}, dtype {config.model.dtype}); allowed here: auto or xla."
             )
+    from jaxtricks.lm import data as data_lib  # tensorflow-datasets, grain: only for the data
+
     data_lib.check_data(config.data)
     existing = workdir
     while not existing.exists():
@@ -222,6 +223,8 @@ def train(config: config_lib.Config, workdir: Path, plan: Plan) -> dict[str, Any
     rng = jax.random.key(tc.seed)  # the step folds in the step number
 
     # Data: global batches, the same on every process; each hands the step its own rows.
+    from jaxtricks.lm import data as data_lib
+
     train_iter = data_lib.train_iterator(config.data, batch_size=tc.batch_size, seed=tc.seed)
     eval_set = data_lib.eval_batches(config.data, batch_size=tc.batch_size,
                                      num_batches=tc.eval_batches)
@@ -651,9 +654,10 @@ class StopRequest:
 
 def sample_text(model: Transformer, prompt: str, num_tokens: int, seed: int) -> str:
     """``prompt`` and ``num_tokens`` bytes sampled after it (temperature 0.8, top-k 40)."""
+    from jaxtricks.lm.data import ByteTokenizer
     from jaxtricks.lm.sampling import generate
 
-    tokenizer = data_lib.ByteTokenizer()
+    tokenizer = ByteTokenizer()
     out = generate(model, tokenizer.encode(prompt)[None, :], max_new_tokens=num_tokens,
                    rng=jax.random.key(seed), temperature=0.8, top_k=40)
     return tokenizer.decode(np.asarray(out)[0])
