@@ -275,3 +275,21 @@ def test_bad_meshes_stop_train_py_before_anything_is_written(python, tmp_path, d
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
     assert not workdir.exists()
+
+
+@pytest.mark.slow
+def test_a_locked_workdir_stops_every_process(python, tmp_path, data_dir):
+    from jaxtricks.lm.workdir import RunLock
+
+    workdir, port = tmp_path / "run", _free_port()
+    args = ["train.py", "--workdir", str(workdir), *TINY, f"data.data_dir={data_dir}",
+            "cpu_devices=2", f"distributed.coordinator=127.0.0.1:{port}",
+            "distributed.num_processes=2"]
+    with RunLock(workdir):  # a live run (this test) holds it
+        runs = [python.start(*args, f"distributed.process_id={i}", stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for i in range(2)]
+        outputs = [run.communicate(timeout=300) for run in runs]
+    assert [run.returncode for run in runs] == [2, 2], outputs
+    assert "is in use by process" in outputs[0][1]
+    assert "process 0 could not take the lock of workdir" in outputs[1][1]
+    assert not workdir.exists()  # our lock removed the workdir it made: nothing else was written
