@@ -569,7 +569,7 @@ def test_microbatches_train_the_same_run_and_resume_exactly(tmp_path, data_dir):
 
 
 @pytest.mark.slow
-def test_cpu_devices_splits_the_cpu_pmaps_the_same_run_and_resumes_exactly(
+def test_cpu_devices_splits_the_cpu_into_a_mesh_for_the_same_run_that_resumes_exactly(
     tmp_path, data_dir, capsys, python
 ):
     # JAX takes the device count when it starts, so the split run is a process of its own.
@@ -577,10 +577,10 @@ def test_cpu_devices_splits_the_cpu_pmaps_the_same_run_and_resumes_exactly(
     two_devices = ["cpu_devices=2", "train.checkpoint_every=10"]
     done = python.run("train.py", *_args(split, data_dir, *two_devices, steps=20))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "2 x cpu (pmap)" in done.stdout
+    assert "2 x cpu, mesh data 2 x fsdp 1 x tensor 1" in done.stdout
     assert train.main(_args(single, data_dir, steps=20)) == 0
-    assert "1 x cpu (jit)" in capsys.readouterr().out
-    # Each device's loss is the mean over its half of the batch; their mean is the whole's.
+    assert "1 x cpu, single" in capsys.readouterr().out
+    # Each device takes half of the batch's rows; the loss is the whole batch's.
     split_losses, single_losses = _losses(split), _losses(single)
     assert list(split_losses) == list(range(1, 21))
     np.testing.assert_allclose(list(split_losses.values()), list(single_losses.values()),
@@ -591,7 +591,7 @@ def test_cpu_devices_splits_the_cpu_pmaps_the_same_run_and_resumes_exactly(
     assert done.returncode == 0, done.stdout + done.stderr
     assert "resumed from" in done.stdout and "at step 10" in done.stdout
     _assert_same_run(resumed, split, steps=20)
-    # Its checkpoint (one unreplicated copy) resumes on one device.
+    # Its checkpoint (sharded over 2 devices) resumes on one device.
     assert train.main(_args(split, data_dir, steps=25)) == 0
     assert "resumed from" in capsys.readouterr().out
     assert [m["step"] for m in _metrics(split) if "loss" in m] == list(range(1, 26))
