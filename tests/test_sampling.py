@@ -13,7 +13,8 @@ from jaxtricks.lm.config import ModelConfig
 from jaxtricks.lm.model import Transformer
 from jaxtricks.lm.sampling import filter_logits, generate
 
-TINY = ModelConfig(num_layers=2, d_model=32, num_heads=4, d_ff=64, max_seq_len=16)
+TINY = ModelConfig(vocab_size=257, num_layers=2, d_model=32, num_heads=4, d_ff=64,
+                   max_seq_len=16)
 
 
 @functools.cache
@@ -90,23 +91,40 @@ def test_filter_logits_edge_cases():
 # --------------------------------------------------------------------------- generate
 
 
+def greedy_reference(model, prompt, max_new_tokens) -> np.ndarray:
+    """Greedy decoding token by token from full forward passes, independent of the sampling code.
+
+    Each token is the argmax after the (at most ``max_seq_len``) tokens before it, read at
+    positions ``0 ..``: one ``max_seq_len`` wide slice of the zero-padded sequence (the causal mask
+    hides the slots not generated yet), so one shape is compiled.
+    """
+    context = model.cfg.max_seq_len
+    tokens = np.zeros((prompt.shape[0], max(prompt.shape[1] + max_new_tokens, context)), np.int32)
+    tokens[:, : prompt.shape[1]] = prompt
+    for t in range(prompt.shape[1], prompt.shape[1] + max_new_tokens):
+        start = max(t - context, 0)
+        logits = logits_of(model, tokens[:, start : start + context])  # (batch, context, vocab)
+        tokens[:, t] = logits[:, t - 1 - start].argmax(-1)
+    return tokens[:, : prompt.shape[1] + max_new_tokens]
+
+
+# (prompt_len, max_new_tokens) with max_seq_len=16: prefill, cached steps, then the sliding window;
+# the cache full after one decoded token; the prompt filling the context (no cache at all).
+@pytest.mark.parametrize("prompt_len, max_new_tokens", [(3, 20), (15, 4), (16, 3)])
 @pytest.mark.parametrize("position", ["learned", pytest.param("rope", marks=pytest.mark.slow)])
-def test_greedy_with_cache_equals_without_and_follows_the_argmax(position):
+def test_greedy_with_cache_equals_without_and_the_token_by_token_argmax(
+    position, prompt_len, max_new_tokens
+):
     model = _model(position)
-    prompt = _prompts(2, 3)
-    # 23 tokens > max_seq_len=16: prefill, cached steps, then the sliding window.
-    cached = generate(model, prompt, max_new_tokens=20, rng=jax.random.key(0), temperature=0.0)
-    reference = generate(model, prompt, max_new_tokens=20, rng=jax.random.key(0), temperature=0.0,
-                         use_cache=False)
-    assert cached.shape == (2, 23) and cached.dtype == np.int32
-    np.testing.assert_array_equal(cached[:, :3], prompt)
-    np.testing.assert_array_equal(cached, reference)
-    # Independently: every new token is the argmax after the (at most 16) tokens before it.
-    within = logits_of(model, cached[:, :16])
-    np.testing.assert_array_equal(cached[:, 3:16], within[:, 2:15].argmax(-1))
-    for t in (16, 19, 22):
-        window = logits_of(model, cached[:, t - 16 : t])
-        np.testing.assert_array_equal(cached[:, t], window[:, -1].argmax(-1))
+    prompt = _prompts(2, prompt_len)
+    greedy = functools.partial(generate, model, prompt, max_new_tokens=max_new_tokens,
+                               rng=jax.random.key(0), temperature=0.0)
+    cached, uncached = greedy(), greedy(use_cache=False)
+    assert cached.shape == (2, prompt_len + max_new_tokens) and cached.dtype == np.int32
+    np.testing.assert_array_equal(cached[:, :prompt_len], prompt)
+    reference = greedy_reference(model, prompt, max_new_tokens)
+    np.testing.assert_array_equal(cached, reference)  # token for token, past the context too
+    np.testing.assert_array_equal(uncached, reference)
 
 
 @pytest.mark.slow
@@ -136,19 +154,60 @@ def test_sampling_is_reproducible_and_seeded():
     np.testing.assert_array_equal(a, sample(rng=jax.random.key(7), use_cache=False))
 
 
-def test_no_recompile_per_token_and_1d_prompt():
+def test_one_compile_for_all_tokens_and_none_again_and_1d_prompt(compile_log):
     model = _model()
     prompt = np.array([72, 101, 108])  # 1-D: one sequence; shapes unique to this test
-    before = sampling.TRACE_COUNTS.copy()
-    out = generate(model, prompt, max_new_tokens=12, rng=jax.random.key(0), temperature=0.8,
-                   top_k=20)
-    assert out.shape == (15,) and out[:3].tolist() == [72, 101, 108]
-    traced = sampling.TRACE_COUNTS - before
-    assert traced == {"prefill": 1, "decode_step": 1}  # 12 tokens, one compile of the step
-    # A new seed, temperature and top_p value reuse everything (they are traced, not static).
-    before = sampling.TRACE_COUNTS.copy()
-    generate(model, prompt, max_new_tokens=12, rng=jax.random.key(1), temperature=1.3, top_k=20)
-    assert sampling.TRACE_COUNTS - before == {}
+    # 15 tokens so far after 12 new ones < max_seq_len: prefill and cached steps only; 30 new ones
+    # also slide the window. Either is one program, traced and compiled once.
+    for max_new_tokens in (12, 30):
+        sample = functools.partial(generate, model, prompt, max_new_tokens=max_new_tokens, top_k=20)
+        before, compiled = sampling.TRACE_COUNTS.copy(), compile_log.count("_generate")
+        with compile_log:
+            out = sample(rng=jax.random.key(0), temperature=0.8)
+        assert out.shape == (3 + max_new_tokens,) and out[:3].tolist() == [72, 101, 108]
+        assert sampling.TRACE_COUNTS - before == {"generate": 1}
+        assert compile_log.count("_generate") == compiled + 1
+        # A new seed, temperature and top_p value reuse it (they are traced, not static).
+        before, compiled = sampling.TRACE_COUNTS.copy(), len(compile_log.names)
+        with compile_log:
+            again = sample(rng=jax.random.key(1), temperature=1.3)
+        assert sampling.TRACE_COUNTS - before == {}
+        assert len(compile_log.names) == compiled  # nothing compiled at all, not even a small op
+        assert not np.array_equal(out, again)
+
+
+@functools.cache
+def _padded_model() -> Transformer:
+    """320 embedding rows for 257 tokens, the padded rows made to win every argmax.
+
+    The output norm's bias is all ones and so are the padded rows of the tied embedding: their
+    logits are ``sum(LayerNorm(x) + 1) = d_model`` (the normalized part sums to zero), far above
+    any real token's (rows of normal(0.02) noise).
+    """
+    model = Transformer(ModelConfig(**{**TINY.__dict__, "vocab_size": 320}), rngs=nnx.Rngs(0))
+    model.norm_out.bias[...] = jnp.ones_like(model.norm_out.bias[...])
+    model.embed.embedding[...] = model.embed.embedding[...].at[257:].set(1.0)
+    return model
+
+
+def test_vocab_limit_never_samples_a_padding_id():
+    model, prompt = _padded_model(), _prompts(2, 3)
+    greedy = functools.partial(generate, model, prompt, max_new_tokens=20, rng=jax.random.key(0),
+                               temperature=0.0)
+    assert np.all(greedy()[:, 3:] >= 257)  # without the limit the padding wins every time
+    limited = greedy(vocab_limit=257)
+    assert limited.max() < 257
+    # ...and the limited argmax is the argmax over the real tokens, past the context too.
+    context = TINY.max_seq_len
+    for t in range(3, 23):
+        start = max(t - context, 0)
+        logits = logits_of(model, limited[:, start : start + context])[:, t - 1 - start, :257]
+        np.testing.assert_array_equal(limited[:, t], logits.argmax(-1))
+    # Sampling too: a high temperature would draw padding ids often; top-k keeps them all.
+    sample = functools.partial(generate, model, prompt, max_new_tokens=12, rng=jax.random.key(3),
+                               temperature=10.0, top_k=300)
+    assert sample(vocab_limit=257).max() < 257
+    assert np.mean(sample()[:, 3:] >= 257) > 0.5
 
 
 def test_zero_new_tokens_returns_the_prompt():
@@ -170,6 +229,10 @@ def test_zero_new_tokens_returns_the_prompt():
         (dict(prompt=np.array([[1, 300]])), "vocab_size=257"),
         (dict(prompt=np.zeros((2, 0), np.int32)), "prompt"),
         (dict(prompt=np.array([0.5, 1.0])), "integer"),
+        (dict(vocab_limit=0), "vocab_limit"),
+        (dict(vocab_limit=258), "vocab_limit"),
+        (dict(vocab_limit=True), "vocab_limit"),
+        (dict(vocab_limit=100.0), "vocab_limit"),
     ],
 )
 def test_bad_arguments_are_rejected(kwargs, match):

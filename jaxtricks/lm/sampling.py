@@ -1,15 +1,19 @@
 r"""Sampling text from the :class:`~jaxtricks.lm.model.Transformer`: greedy, temperature, top-k/p.
 
-With the KV cache the prompt is read once (prefill) and each new token then costs one position:
-a jitted single-token step called from a Python loop, compiled once per (batch, cache length) and
-never per token. Without the cache every token re-reads the whole context (the reference).
+With the KV cache the prompt is read once (prefill) and each new token then costs one position.
+:func:`generate` is one compiled program, as Flax's lm1b decoder: the prefill, then
+``jax.lax.fori_loop`` over the cached single-token step, so no token waits for Python to dispatch
+it. It is compiled once per (batch, prompt length, number of new tokens, sampling options: greedy
+or not, top_k, whether top_p is set, vocab_limit), never per token; the seed, the temperature and
+the top_p value are traced. Without the cache every token re-reads the whole context (the
+reference), in the same kind of loop.
 
 Sequences longer than the model's context slide: every token is predicted from at most the last
 ``max_seq_len`` tokens, which the model sees at positions ``0 .. max_seq_len - 1``. The cache serves
 until the context is full; after that each further token re-reads the last ``max_seq_len`` tokens
 (cached keys and values hold their old positions, so they cannot slide), which keeps the cached and
 uncached paths equal at every length (token for token in float32; bfloat16 rounds the two paths
-differently).
+differently). That re-reading phase is a second ``fori_loop`` of the same program.
 """
 
 from __future__ import annotations
@@ -79,59 +83,74 @@ def filter_logits(logits: jax.Array, *, top_k: int | None = None, top_p=None) ->
     return logits
 
 
-def _sample(logits, key, temperature, top_p, *, greedy: bool, top_k, use_top_p: bool):
-    """(batch, vocab) float32 logits -> (batch,) int32 tokens."""
+def _sample(logits, key, temperature, top_p, *, greedy: bool, top_k, use_top_p: bool,
+            vocab_limit):
+    """(batch, vocab) float32 logits -> (batch,) int32 tokens, never an id >= ``vocab_limit``."""
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+        padding = jnp.arange(logits.shape[-1]) >= vocab_limit  # (vocab,)
+        logits = jnp.where(padding, jnp.array(-jnp.inf, logits.dtype), logits)
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = filter_logits(logits / temperature, top_k=top_k, top_p=top_p if use_top_p else None)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-_STATIC = ("graphdef", "greedy", "top_k", "use_top_p")
+@functools.partial(
+    jax.jit,
+    static_argnames=("graphdef", "greedy", "top_k", "use_top_p", "vocab_limit", "prompt_len",
+                     "cache_len"),
+    donate_argnames=("tokens",),
+)
+def _generate(graphdef, state, tokens, rng, temperature, top_p, *, greedy, top_k, use_top_p,
+              vocab_limit, prompt_len, cache_len):
+    """Fill ``tokens[:, prompt_len:]`` in one compiled program: prefill, then two loops.
 
-
-@functools.partial(jax.jit, static_argnames=(*_STATIC, "prompt_len", "cache_len"))
-def _prefill(graphdef, state, tokens, rng, temperature, top_p, *, greedy, top_k, use_top_p,
-             prompt_len, cache_len):
-    """Read the prompt into a fresh cache and sample the token at position ``prompt_len``."""
-    TRACE_COUNTS["prefill"] += 1
+    With ``cache_len > 0`` the prompt is read into a ``cache_len``-position cache and the tokens up
+    to position ``cache_len`` are decoded one position each (``fori_loop``); every later token
+    (all of them when ``cache_len == 0``) re-reads the last ``cache_len`` (or ``max_seq_len``)
+    tokens in a second ``fori_loop``. The token at position ``t`` uses the key ``fold_in(rng, t)``.
+    """
+    TRACE_COUNTS["generate"] += 1
     model = nnx.merge(graphdef, state)
-    cache = init_cache(model.cfg, tokens.shape[0], cache_len)
-    logits, cache = model(tokens[:, :prompt_len], cache=cache)  # (batch, prompt_len, vocab)
-    key = jax.random.fold_in(rng, prompt_len)
-    token = _sample(logits[:, -1], key, temperature, top_p, greedy=greedy, top_k=top_k,
-                    use_top_p=use_top_p)
-    return cache, tokens.at[:, prompt_len].set(token)
+    batch, total = tokens.shape
 
+    def sample(logits, length):  # (batch, vocab) -> the token at position `length`
+        return _sample(logits, jax.random.fold_in(rng, length), temperature, top_p, greedy=greedy,
+                       top_k=top_k, use_top_p=use_top_p, vocab_limit=vocab_limit)
 
-@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("cache", "tokens"))
-def _decode_step(graphdef, state, cache, tokens, length, rng, temperature, top_p, *, greedy, top_k,
-                 use_top_p):
-    """Feed token ``length - 1`` through the cache and sample the token at position ``length``."""
-    TRACE_COUNTS["decode_step"] += 1
-    model = nnx.merge(graphdef, state)
-    last = jax.lax.dynamic_slice_in_dim(tokens, length - 1, 1, axis=1)  # (batch, 1)
-    logits, cache = model(last, cache=cache)  # (batch, 1, vocab)
-    token = _sample(logits[:, 0], jax.random.fold_in(rng, length), temperature, top_p,
-                    greedy=greedy, top_k=top_k, use_top_p=use_top_p)
-    return cache, tokens.at[:, length].set(token)
+    length = prompt_len  # tokens so far; the next one goes to position `length`
+    if cache_len:
+        cache = init_cache(model.cfg, batch, cache_len)
+        logits, cache = model(tokens[:, :prompt_len], cache=cache)  # (batch, prompt_len, vocab)
+        tokens = tokens.at[:, prompt_len].set(sample(logits[:, -1], prompt_len))
 
+        def decode_step(length, carry):
+            """Feed token ``length - 1`` through the cache; sample the token at ``length``."""
+            cache, tokens = carry
+            last = jax.lax.dynamic_slice_in_dim(tokens, length - 1, 1, axis=1)  # (batch, 1)
+            logits, cache = model(last, cache=cache)  # (batch, 1, vocab)
+            return cache, tokens.at[:, length].set(sample(logits[:, 0], length))
 
-@functools.partial(jax.jit, static_argnames=(*_STATIC, "window"), donate_argnames=("tokens",))
-def _window_step(graphdef, state, tokens, length, rng, temperature, top_p, *, greedy, top_k,
-                 use_top_p, window):
-    """Re-read the last ``window`` tokens before ``length`` and sample the token at ``length``."""
-    TRACE_COUNTS["window_step"] += 1
-    model = nnx.merge(graphdef, state)
-    start = jnp.maximum(length - window, 0)
-    context = jax.lax.dynamic_slice_in_dim(tokens, start, window, axis=1)  # (batch, window)
-    # Before the context is full the window also holds not-yet-generated slots after `length`; the
-    # causal mask keeps them from affecting the logits at `length - 1`.
-    logits = model(context)  # (batch, window, vocab)
-    last = jax.lax.dynamic_index_in_dim(logits, length - 1 - start, axis=1, keepdims=False)
-    token = _sample(last, jax.random.fold_in(rng, length), temperature, top_p, greedy=greedy,
-                    top_k=top_k, use_top_p=use_top_p)
-    return tokens.at[:, length].set(token)
+        # Token `length - 1` still fits into the cache while length <= cache_len.
+        stop = min(total, cache_len + 1)
+        _, tokens = jax.lax.fori_loop(prompt_len + 1, stop, decode_step, (cache, tokens))
+        length = stop
+
+    window = min(total, model.cfg.max_seq_len)  # the most tokens the model reads at once
+
+    def window_step(length, tokens):
+        """Re-read the last ``window`` tokens before ``length``; sample the token at ``length``."""
+        start = jnp.maximum(length - window, 0)
+        context = jax.lax.dynamic_slice_in_dim(tokens, start, window, axis=1)  # (batch, window)
+        # Before the context is full the window also holds not-yet-generated slots after
+        # `length`; the causal mask keeps them from affecting the logits at `length - 1`.
+        logits = model(context)  # (batch, window, vocab)
+        last = jax.lax.dynamic_index_in_dim(logits, length - 1 - start, axis=1, keepdims=False)
+        return tokens.at[:, length].set(sample(last, length))
+
+    if length < total:
+        tokens = jax.lax.fori_loop(length, total, window_step, tokens)
+    return tokens
 
 
 def generate(
@@ -144,6 +163,7 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     use_cache: bool = True,
+    vocab_limit: int | None = None,
 ) -> np.ndarray:
     r"""Continue ``prompt`` by ``max_new_tokens`` tokens sampled from ``model``.
 
@@ -161,6 +181,9 @@ def generate(
       top_p: None, or keep the smallest set of most likely tokens with mass >= ``top_p``, in (0, 1].
       use_cache: prefill a KV cache and decode one position per token (True), or re-read the whole
         context for every token (False, the reference).
+      vocab_limit: None, or sample only ids below it (``1 <= vocab_limit <= vocab_size``): the
+        logits of ids ``>= vocab_limit`` (e.g. a vocabulary padded to a multiple of 64) are set to
+        ``-inf`` before the temperature, the filters and the argmax.
 
     Returns:
       ``(batch, prompt_len + max_new_tokens)`` int32 numpy array: the prompt then the new tokens
@@ -168,7 +191,8 @@ def generate(
       context slides (see the module docstring).
 
     >>> from jaxtricks.lm.config import ModelConfig
-    >>> cfg = ModelConfig(num_layers=1, d_model=32, num_heads=2, d_ff=64, max_seq_len=16)
+    >>> cfg = ModelConfig(vocab_size=257, num_layers=1, d_model=32, num_heads=2, d_ff=64,
+    ...                   max_seq_len=16)
     >>> model = Transformer(cfg, rngs=nnx.Rngs(0))
     >>> out = generate(model, np.array([72, 105]), max_new_tokens=5, rng=jax.random.key(0))
     >>> out.shape, out[:2].tolist()
@@ -184,6 +208,15 @@ def generate(
         raise ValueError(f"top_p={top_p!r} must be None or a number in (0, 1].")
     _check_filter_args(top_k, top_p)
     cfg = model.cfg
+    if vocab_limit is not None and (
+        isinstance(vocab_limit, bool) or not isinstance(vocab_limit, (int, np.integer))
+        or not 1 <= vocab_limit <= cfg.vocab_size
+    ):
+        raise ValueError(
+            f"vocab_limit={vocab_limit!r} must be None or an integer in [1, vocab_size="
+            f"{cfg.vocab_size}]."
+        )
+    vocab_limit = None if vocab_limit is None else int(vocab_limit)
     prompt = np.asarray(prompt)
     squeeze = prompt.ndim == 1
     if squeeze:
@@ -203,25 +236,17 @@ def generate(
 
     batch, prompt_len = prompt.shape
     total = prompt_len + max_new_tokens
+    if max_new_tokens == 0:
+        return prompt[0].astype(np.int32) if squeeze else prompt.astype(np.int32)
     window = min(total, cfg.max_seq_len)  # the most tokens the model reads at once
-    tokens = jnp.zeros((batch, total), jnp.int32).at[:, :prompt_len].set(prompt)
+    tokens = np.zeros((batch, total), np.int32)
+    tokens[:, :prompt_len] = prompt
     graphdef, state = nnx.split(model)
-    dynamic = (rng, jnp.float32(temperature), jnp.float32(1.0 if top_p is None else top_p))
-    static = dict(greedy=temperature == 0, top_k=top_k, use_top_p=top_p is not None)
-
-    length = prompt_len  # tokens so far; the next one goes to position `length`
-    if use_cache and max_new_tokens > 0 and prompt_len < window:
-        cache, tokens = _prefill(graphdef, state, tokens, *dynamic, **static,
-                                 prompt_len=prompt_len, cache_len=window)
-        length += 1
-        # Token `length - 1` still fits into the cache while length <= window.
-        while length < total and length <= window:
-            cache, tokens = _decode_step(graphdef, state, cache, tokens, jnp.int32(length),
-                                         *dynamic, **static)
-            length += 1
-    while length < total:
-        tokens = _window_step(graphdef, state, tokens, jnp.int32(length), *dynamic, **static,
-                              window=window)
-        length += 1
+    tokens = _generate(
+        graphdef, state, jnp.asarray(tokens), rng, jnp.float32(temperature),
+        jnp.float32(1.0 if top_p is None else top_p), greedy=temperature == 0, top_k=top_k,
+        use_top_p=top_p is not None, vocab_limit=vocab_limit, prompt_len=prompt_len,
+        cache_len=window if use_cache and prompt_len < window else 0,
+    )
     out = np.asarray(tokens)
     return out[0] if squeeze else out
