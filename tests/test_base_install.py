@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The "train" extra of pyproject.toml (plus torch, which some tests use), by top-level module name.
 TRAINER_MODULES = (
     "flax", "tensorflow_datasets", "tensorflow", "grain", "array_record", "orbax", "matplotlib",
-    "yaml", "tqdm", "tensorboardX", "tensorboard", "torch",
+    "yaml", "tqdm", "tensorboardX", "tensorboard", "tokenizers", "torch",
 )
 
 BLOCKER = textwrap.dedent("""

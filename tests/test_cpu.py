@@ -11,7 +11,7 @@ from jaxtricks.lm import cpu
 from jaxtricks.lm.config import ModelConfig
 from jaxtricks.lm.model import Transformer
 
-TINY = ModelConfig(num_layers=2, d_model=32, num_heads=4, d_ff=64, max_seq_len=16)
+TINY = ModelConfig(vocab_size=257, num_layers=2, d_model=32, num_heads=4, d_ff=64, max_seq_len=16)
 
 
 def _textbook_layer_norm(x, scale, bias, eps=1e-5):

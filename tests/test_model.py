@@ -22,7 +22,7 @@ from jaxtricks.lm.model import (
     init_cache,
 )
 
-TINY = ModelConfig(num_layers=2, d_model=32, num_heads=4, d_ff=64, max_seq_len=16)
+TINY = ModelConfig(vocab_size=257, num_layers=2, d_model=32, num_heads=4, d_ff=64, max_seq_len=16)
 GPT2_SMALL = ModelConfig(
     vocab_size=50304, num_layers=12, d_model=768, num_heads=12, d_ff=3072, max_seq_len=1024
 )

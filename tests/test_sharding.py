@@ -26,7 +26,8 @@ from jaxtricks.lm.training import init
 
 
 def test_every_parameter_is_named_and_placed_by_the_rules():
-    cfg = config_lib.ModelConfig(num_layers=1, d_model=32, num_heads=2, d_ff=64, max_seq_len=16)
+    cfg = config_lib.ModelConfig(vocab_size=257, num_layers=1, d_model=32, num_heads=2, d_ff=64,
+                                 max_seq_len=16)
     params = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
     with nnx.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
         specs = nnx.get_partition_spec(params)

@@ -28,8 +28,9 @@ TINY = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.d_
         "model.max_seq_len=32", "data.seq_len=32", "train.batch_size=8", "train.log_every=1",
         "train.eval_every=100", "train.checkpoint_every=25", "train.sample_tokens=0",
         "optimizer.warmup_steps=0"]
-# 6 N + 12 L T d of TINY (PaLM's estimate): N = L (4 d^2 + 2 d f) + V d, L=1, d=32, f=64, V=257.
-TINY_FLOPS_PER_TOKEN = 6 * (1 * (4 * 32 * 32 + 2 * 32 * 64) + 257 * 32) + 12 * 1 * 32 * 32
+# 6 N + 12 L T d of TINY (PaLM's estimate): N = L (4 d^2 + 2 d f) + V d, L=1, d=32, f=64, and
+# V=320 (model.vocab_size=auto: the byte tokenizer's 257 rounded up to a multiple of 64).
+TINY_FLOPS_PER_TOKEN = 6 * (1 * (4 * 32 * 32 + 2 * 32 * 64) + 320 * 32) + 12 * 1 * 32 * 32
 STEPS = 150  # of the end-to-end runs
 
 

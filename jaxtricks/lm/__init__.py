@@ -8,7 +8,7 @@ import importlib.util
 
 # The import names of the ``train`` extra's packages (pyproject.toml), as the trainer imports them.
 TRAIN_MODULES = ("flax", "yaml", "tensorflow_datasets", "grain", "array_record", "orbax",
-                 "tqdm", "matplotlib", "tensorboardX")
+                 "tqdm", "matplotlib", "tensorboardX", "tokenizers")
 
 
 def missing_train_modules() -> list[str]:

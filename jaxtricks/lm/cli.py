@@ -6,6 +6,7 @@
     jaxtricks report DIR [--out FILE]
     jaxtricks sample DIR [--prompt TEXT] [--max-new-tokens 200] [--temperature 0.8] [--top-k K]
                      [--top-p P] [--seed 0]
+    jaxtricks eval DIR FILE [--json]
 
 Every user error (a bad option, config key or value, unreadable data, no checkpoint) is one line on
 stderr and exit status 2. Heavy imports (jax, the data pipeline, orbax) happen after parsing, only
@@ -163,11 +164,10 @@ def cmd_sample(args) -> int:
     import numpy as np
 
     from jaxtricks.lm import training
-    from jaxtricks.lm.data import ByteTokenizer
     from jaxtricks.lm.sampling import generate
 
     config, model, step = training.load_model(workdir)
-    tokenizer = ByteTokenizer()
+    tokenizer = training.load_tokenizer(config, workdir)
     prompt_text = config.train.sample_prompt if args.prompt is None else args.prompt
     prompt = tokenizer.encode(prompt_text)
     if len(prompt) == 0:  # start a new document: the model saw EOS before every document
@@ -175,11 +175,13 @@ def cmd_sample(args) -> int:
     context = config.model.max_seq_len
     if len(prompt) > context:
         raise UsageError(
-            f"--prompt is {len(prompt)} tokens (UTF-8 bytes) long; the model's context is "
-            f"model.max_seq_len={context} tokens: allowed is a prompt of at most {context} bytes."
+            f"--prompt is {len(prompt)} tokens long; the model's context is "
+            f"model.max_seq_len={context} tokens: allowed is a prompt of at most {context} "
+            "tokens."
         )
     kwargs = dict(max_new_tokens=args.max_new_tokens, rng=jax.random.key(args.seed),
-                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                  vocab_limit=tokenizer.vocab_size)
     # The first call compiles (prefill and one decode step, for these shapes); the second runs
     # the same compiled code and is the one timed.
     start = time.perf_counter()
@@ -192,6 +194,32 @@ def cmd_sample(args) -> int:
     n = args.max_new_tokens
     print(f"[{workdir} step {step}: {n} new tokens in {elapsed:.3f} s = {n / elapsed:,.0f} "
           f"tokens/s with the KV cache (first call, compiling: {first:.2f} s)]", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    workdir, path = Path(args.dir), Path(args.file)
+    if not workdir.is_dir():
+        raise UsageError(f"run directory {str(workdir)!r} does not exist.")
+    if not path.is_file():
+        raise UsageError(f"FILE {str(path)!r} does not exist.")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"FILE {str(path)!r} is not valid UTF-8 (byte offset {e.start}); "
+                         "convert it to UTF-8.") from None
+    import json
+
+    from jaxtricks.lm import training
+    from jaxtricks.lm.scoring import score_text
+
+    config, model, step = training.load_model(workdir)
+    score = score_text(model, training.load_tokenizer(config, workdir), text)
+    if args.json:
+        print(json.dumps({**score._asdict(), "step": step}))
+    else:
+        print(f"{path}: {score.bits_per_byte:.4f} bits per byte ({score.bytes:,} bytes, "
+              f"{score.tokens:,} tokens scored) by {workdir} at step {step}")
     return 0
 
 
@@ -248,6 +276,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=_top_p, default=None, help="nucleus: keep this probability mass")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("eval", help="score a text file with a run's latest checkpoint",
+                       description="Bits per UTF-8 byte of FILE under the latest checkpoint in DIR "
+                       "(the run's tokenizer; blank-line separated documents, each scored after "
+                       "an end-of-document token, in windows of the model's context).")
+    p.add_argument("dir", metavar="DIR", help="the run's workdir")
+    p.add_argument("file", metavar="FILE", help="a UTF-8 text file")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object: bits_per_byte, bytes, tokens, step")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -18,6 +18,7 @@ import optax
 import yaml
 
 import jaxtricks
+from jaxtricks.lm.tokenizer import BYTE_VOCAB_SIZE, MAX_BPE_VOCAB, MIN_BPE_VOCAB, padded_vocab_size
 
 
 class ConfigError(ValueError):
@@ -28,7 +29,9 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Sizes of the decoder-only transformer."""
 
-    vocab_size: int = 257  # bytes 0..255 plus the end-of-document token 256
+    # Rows of the embedding: "auto" is the tokenizer's size rounded up to a multiple of 64 (the
+    # byte tokenizer's 257 -> 320); the padded rows' logits are masked out of loss and sampling.
+    vocab_size: int | Literal["auto"] = "auto"
     num_layers: int = 3
     d_model: int = 128
     num_heads: int = 4
@@ -53,6 +56,10 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "validation"  # source=tfds: e.g. "test" for lm1b
     text_field: str = "text"
+    # byte: UTF-8 bytes (257 tokens with the end-of-document token); bpe: a byte-level BPE of
+    # bpe_vocab_size tokens learned from the training split (Hugging Face tokenizers).
+    tokenizer: Literal["byte", "bpe"] = "byte"
+    bpe_vocab_size: int = 4096
     data_dir: str = ""  # where TFDS datasets live ("" = TFDS's default, ~/tensorflow_datasets)
     seq_len: int = 128  # tokens per training sequence (<= model.max_seq_len)
     val_fraction: float = 0.05  # source=embedded/text: share of documents held out for validation
@@ -147,6 +154,12 @@ class Config:
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     cpu_devices: int | None = None  # split a CPU host into this many devices (None: JAX's default)
 
+    def __post_init__(self):
+        if self.model.vocab_size == "auto":  # the tokenizer's size, padded: known from the config
+            size = BYTE_VOCAB_SIZE if self.data.tokenizer == "byte" else self.data.bpe_vocab_size
+            model = dataclasses.replace(self.model, vocab_size=padded_vocab_size(size))
+            object.__setattr__(self, "model", model)
+
 
 # --------------------------------------------------------------------------- building from dicts
 
@@ -171,8 +184,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, key)
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(value, inner[0], key)
+        for option in inner:  # e.g. int | Literal["auto"]
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        allowed = [", ".join(map(str, typing.get_args(a))) if typing.get_origin(a) is Literal
+                   else {int: "an integer", float: "a number"}.get(a, a.__name__) for a in inner]
+        raise ConfigError(f"{key}={value!r} is not allowed; allowed: {' or '.join(allowed)}.")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -301,7 +323,7 @@ def validate(c: Config) -> None:
     """Reject out-of-range values before anything is built; each message names key and range."""
     m, d, o, t = c.model, c.data, c.optimizer, c.train
     for key, value in [
-        ("model.vocab_size", m.vocab_size), ("model.num_layers", m.num_layers),
+        ("model.num_layers", m.num_layers),
         ("model.d_model", m.d_model), ("model.num_heads", m.num_heads), ("model.d_ff", m.d_ff),
         ("model.max_seq_len", m.max_seq_len),
         ("data.seq_len", d.seq_len),
@@ -313,8 +335,15 @@ def validate(c: Config) -> None:
         ("train.max_consecutive_skips", t.max_consecutive_skips),
     ]:
         _check(value >= 1, key, value, "an integer >= 1")
-    _check(m.vocab_size >= 257, "model.vocab_size", m.vocab_size,
-           ">= 257 (the byte tokenizer's 256 bytes and the end-of-document token)")
+    _check(MIN_BPE_VOCAB <= d.bpe_vocab_size <= MAX_BPE_VOCAB, "data.bpe_vocab_size",
+           d.bpe_vocab_size, f"{MIN_BPE_VOCAB} to {MAX_BPE_VOCAB:,} (the 256 bytes, the "
+           "end-of-document token and the merges)")
+    if d.tokenizer == "byte":
+        _check(m.vocab_size >= BYTE_VOCAB_SIZE, "model.vocab_size", m.vocab_size,
+               ">= 257 (the byte tokenizer's 256 bytes and the end-of-document token), or auto")
+    else:
+        _check(m.vocab_size >= d.bpe_vocab_size, "model.vocab_size", m.vocab_size,
+               f">= data.bpe_vocab_size={d.bpe_vocab_size} (the tokenizer's size), or auto")
     _check(m.d_model % m.num_heads == 0, "model.d_model", m.d_model,
            f"a multiple of model.num_heads={m.num_heads}")
     _check(m.position != "rope" or (m.d_model // m.num_heads) % 2 == 0, "model.position",

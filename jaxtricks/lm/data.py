@@ -17,7 +17,7 @@ From there one pipeline serves all three::
 
     the split's documents
     -> shuffled per epoch (numpy permutation seeded by (seed, epoch); validation is not shuffled)
-    -> read DOCS_PER_GROUP at a time, as bytes, each document followed by EOS   (grain MapDataset)
+    -> read DOCS_PER_GROUP at a time, tokenized, each followed by EOS            (grain MapDataset)
     -> concatenated and split into blocks of batch_size * (seq_len + 1) tokens  (grain packing)
     -> reshaped to (batch_size, seq_len + 1): inputs = [:, :-1], targets = [:, 1:]
 
@@ -53,10 +53,14 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags as absl_flags
 
+from jaxtricks.lm import tokenizer as tokenizer_lib
 from jaxtricks.lm.config import DataConfig
+from jaxtricks.lm.tokenizer import BYTE_VOCAB_SIZE as VOCAB_SIZE  # noqa: F401 (the data's names)
+from jaxtricks.lm.tokenizer import ByteTokenizer
 
-VOCAB_SIZE = 257  # bytes 0..255 and the end-of-document token
-EOS_ID = 256
+EOS_ID = ByteTokenizer.eos_id  # the byte tokenizer's end-of-document token
+BPE_TRAIN_DOCS = 200_000  # a BPE learns from at most this many training documents, evenly spaced
+
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")  # files read from a folder given as data.path
 DOCS_PER_GROUP = 64  # documents read per grain element: amortizes grain's per-element overhead
 CACHE_BYTES = 64 * 2**20  # decoded documents kept in memory per iterator (whole small corpora)
@@ -71,39 +75,10 @@ class DataError(ValueError):
     """A data source that cannot be read; the message names what is wrong and what is allowed."""
 
 
-class ByteTokenizer:
-    """UTF-8 bytes as tokens 0..255, plus the end-of-document token 256.
-
-    >>> tok = ByteTokenizer()
-    >>> tok.encode("hé")
-    array([104, 195, 169], dtype=int32)
-    >>> tok.decode([104, 195, 169, tok.eos_id])
-    'hé'
-    """
-
-    vocab_size: int = VOCAB_SIZE
-    eos_id: int = EOS_ID
-
-    def encode(self, text: str) -> np.ndarray:
-        """The UTF-8 bytes of ``text`` as int32 tokens (no end-of-document token)."""
-        return _utf8(text).astype(np.int32)
-
-    def decode(self, ids) -> str:
-        """Text of the byte tokens in ``ids``; skips EOS (and any id outside 0..255), replaces
-        invalid UTF-8 with U+FFFD."""
-        ids = np.asarray(ids).ravel()
-        return bytes(ids[(ids >= 0) & (ids < 256)].astype(np.uint8)).decode("utf-8", "replace")
-
-
-def _utf8(text: str | bytes) -> np.ndarray:
-    """UTF-8 bytes of a str (or bytes, as TFDS returns text) as a uint8 array."""
-    return np.frombuffer(text.encode("utf-8") if isinstance(text, str) else text, np.uint8)
-
-
 # --------------------------------------------------------------------------- our TFDS builder
 
 
-def _paragraphs(text: str) -> list[str]:
+def paragraphs(text: str) -> list[str]:
     """Blank-line separated paragraphs, keeping their indentation, without empty ones."""
     return [p.strip("\n").rstrip() for p in re.split(r"\n[ \t]*\n", text) if p.strip()]
 
@@ -201,7 +176,7 @@ def _check_text_files(files: list[Path], cfg: DataConfig) -> None:
         if count >= 2:
             collections.deque(chunks, maxlen=0)  # read it through: the checks run as it is read
         else:
-            count += len(_paragraphs("".join(chunks)))
+            count += len(paragraphs("".join(chunks)))
     if count < 2:
         raise _too_few_paragraphs(_text_description(cfg, files), count)
 
@@ -255,7 +230,7 @@ class JaxtricksText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                      for f in config.files]
         else:
             texts = _embedded_topics()
-        docs = [p for text in texts for p in _paragraphs(text)]
+        docs = [p for text in texts for p in paragraphs(text)]
         if len(docs) < 2:
             raise _too_few_paragraphs(config.description, len(docs))
         num_val = min(max(1, round(config.val_fraction * len(docs))), len(docs) - 1)
@@ -465,8 +440,11 @@ class _DocumentGroups:
     kept (up to ``CACHE_BYTES``), so later epochs of a small corpus read nothing.
     """
 
-    def __init__(self, source, text_field: str, doc_ids: np.ndarray, seed: int | None):
+    def __init__(self, source, text_field: str, doc_ids: np.ndarray, seed: int | None,
+                 tokenizer: Any):
         self.source, self.text_field, self.doc_ids, self.seed = source, text_field, doc_ids, seed
+        self.tokenizer = tokenizer
+        self._eos = np.array([tokenizer.eos_id], np.int32)
         self.docs_per_group = DOCS_PER_GROUP
         self.groups_per_epoch = -(-len(doc_ids) // self.docs_per_group)
         self._epoch, self._order = -1, doc_ids
@@ -482,21 +460,18 @@ class _DocumentGroups:
     def _document(self, i: int) -> np.ndarray:
         tokens = self._cache.get(i)
         if tokens is None:
-            tokens = _utf8(self.source[i][self.text_field])
-            if self._cached_bytes + tokens.size <= CACHE_BYTES:
+            tokens = self.tokenizer.encode(self.source[i][self.text_field])
+            if self._cached_bytes + tokens.nbytes <= CACHE_BYTES:
                 self._cache[i] = tokens
-                self._cached_bytes += tokens.size
+                self._cached_bytes += tokens.nbytes
         return tokens
 
     def __call__(self, index: int, group: int) -> dict[str, np.ndarray]:
         order = self._order_of(index // self.groups_per_epoch)
         parts = []
         for i in order[group * self.docs_per_group:(group + 1) * self.docs_per_group]:
-            parts += [self._document(int(i)), _EOS]
+            parts += [self._document(int(i)), self._eos]
         return {"tokens": np.concatenate(parts, dtype=np.int32)}
-
-
-_EOS = np.array([EOS_ID], np.int32)
 
 
 def _to_batch(packed: dict[str, np.ndarray], *, batch_size: int) -> dict[str, np.ndarray]:
@@ -505,8 +480,8 @@ def _to_batch(packed: dict[str, np.ndarray], *, batch_size: int) -> dict[str, np
             "targets": np.ascontiguousarray(rows[:, 1:])}  # (batch, seq_len)
 
 
-def _batches(cfg: DataConfig, split: str, *, batch_size: int, seed: int | None
-             ) -> grain.IterDataset:
+def _batches(cfg: DataConfig, split: str, *, batch_size: int, seed: int | None,
+             tokenizer: Any) -> grain.IterDataset:
     """Endless batches of one split (shuffled per epoch when ``seed`` is not None)."""
     if batch_size < 1:
         raise DataError(f"batch_size={batch_size} is out of range; allowed: an integer >= 1.")
@@ -514,7 +489,7 @@ def _batches(cfg: DataConfig, split: str, *, batch_size: int, seed: int | None
     doc_ids = np.arange(len(source))
     if not len(doc_ids):
         raise DataError(f"the {split} split has no documents; allowed: at least one.")
-    groups = _DocumentGroups(source, text_field, doc_ids, seed)
+    groups = _DocumentGroups(source, text_field, doc_ids, seed, tokenizer or ByteTokenizer())
     ds = grain.MapDataset.range(groups.groups_per_epoch).repeat().map_with_index(groups)
     # One reader thread, a few groups ahead: decoding overlaps the train step (which releases the
     # GIL), and _DocumentGroups is never called from two threads at once.
@@ -551,17 +526,19 @@ def _slices_as_tuples(state: Any) -> Any:
     return state
 
 
-def train_iterator(cfg: DataConfig, *, batch_size: int, seed: int) -> grain.DatasetIterator:
+def train_iterator(cfg: DataConfig, *, batch_size: int, seed: int, tokenizer: Any = None
+                   ) -> grain.DatasetIterator:
     """Endless training batches ``{'inputs', 'targets'}: int32 (batch_size, seq_len)``, the
     global batch (the same on every process). Documents are reshuffled every epoch from
     ``seed``; ``get_state()`` / ``set_state()`` resume exactly (with the same ``batch_size`` and
-    ``num_workers``). Prepares the embedded / local-text corpus on first use.
+    ``num_workers``). ``tokenizer``: default the byte tokenizer (:func:`tokenizer_for` gives the
+    config's). Prepares the embedded / local-text corpus on first use.
 
     >>> it = train_iterator(DataConfig(seq_len=16), batch_size=2, seed=0)  # doctest: +SKIP
     >>> next(it)["inputs"].shape  # doctest: +SKIP
     (2, 16)
     """
-    ds = _batches(cfg, "train", batch_size=batch_size, seed=seed)
+    ds = _batches(cfg, "train", batch_size=batch_size, seed=seed, tokenizer=tokenizer)
     if cfg.num_workers > 0:
         # grain 0.2.18 reads an absl flag in mp_prefetch, which fails unless absl parsed the
         # command line (google/grain#1355, fixed upstream): take the flags' defaults instead.
@@ -572,11 +549,47 @@ def train_iterator(cfg: DataConfig, *, batch_size: int, seed: int) -> grain.Data
     return _JsonSafeIterator(iter(ds))
 
 
-def eval_batches(cfg: DataConfig, *, batch_size: int, num_batches: int
+def eval_batches(cfg: DataConfig, *, batch_size: int, num_batches: int, tokenizer: Any = None
                  ) -> list[dict[str, np.ndarray]]:
     """The first ``num_batches`` global batches of the validation split, in stored order (no
     shuffle; wraps around if the split is shorter): the same on every call and process."""
     if num_batches < 1:
         raise DataError(f"num_batches={num_batches} is out of range; allowed: an integer >= 1.")
-    it = iter(_batches(cfg, "validation", batch_size=batch_size, seed=None))
+    it = iter(_batches(cfg, "validation", batch_size=batch_size, seed=None, tokenizer=tokenizer))
     return [next(it) for _ in range(num_batches)]
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+def tokenizer_for(cfg: DataConfig) -> Any:
+    """The tokenizer ``data.tokenizer`` names: bytes, or the BPE of ``data.bpe_vocab_size`` tokens
+    learned from the training split (at most :data:`BPE_TRAIN_DOCS` documents, evenly spaced),
+    once: it is saved beside the prepared data and read from there afterwards."""
+    if cfg.tokenizer == "byte":
+        return ByteTokenizer()
+    path = bpe_path(cfg)
+    if path.is_file():
+        return tokenizer_lib.load(path)
+    source, text_field = _open_split(cfg, "train")
+    ids = np.unique(np.linspace(0, len(source) - 1, min(len(source), BPE_TRAIN_DOCS)).astype(int))
+    texts = (_as_str(source[int(i)][text_field]) for i in ids)
+    bpe = tokenizer_lib.train_bpe(texts, cfg.bpe_vocab_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    bpe.save(path)  # atomic: another process training the same BPE writes the same file
+    return bpe
+
+
+def bpe_path(cfg: DataConfig) -> Path:
+    """Where the BPE of ``cfg``'s corpus and vocabulary size lives: beside the prepared data."""
+    if cfg.source == "tfds":
+        with _quiet_tfds():
+            builder = tfds.builder(cfg.name, data_dir=cfg.data_dir or None)
+        where = Path(builder.data_dir) / ("jaxtricks-" + re.sub(r"[^\w.-]", "_", cfg.train_split))
+    else:
+        where = Path(_corpus_builder(cfg).data_dir)
+    return where / f"bpe-{cfg.bpe_vocab_size}-{tokenizer_lib.FILE_NAME}"
+
+
+def _as_str(text: str | bytes) -> str:
+    return text.decode("utf-8") if isinstance(text, bytes) else text

@@ -278,10 +278,12 @@ def range_test(
 
     data_lib.check_data(config.data)
     tc = config.train
-    start, steps = build_steps(config, plan(config),
+    tokenizer = data_lib.tokenizer_for(config.data)
+    start, steps = build_steps(config, plan(config), vocab_limit=tokenizer.vocab_size,
                                learning_rate=exponential_range(min_lr, max_lr, num_steps))
     state = steps.init_state(start.create)
-    batches = data_lib.train_iterator(config.data, batch_size=tc.batch_size, seed=tc.seed)
+    batches = data_lib.train_iterator(config.data, batch_size=tc.batch_size, seed=tc.seed,
+                                      tokenizer=tokenizer)
     rng = jax.random.key(tc.seed)
 
     learning_rates = sweep_learning_rates(min_lr, max_lr, num_steps)

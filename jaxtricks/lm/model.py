@@ -72,7 +72,8 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None) -> K
     Returns:
       A :class:`KVCache` of zeros with ``index == 0``.
 
-    >>> cfg = ModelConfig(num_layers=2, d_model=32, num_heads=4, d_ff=64, max_seq_len=16)
+    >>> cfg = ModelConfig(vocab_size=257, num_layers=2, d_model=32, num_heads=4, d_ff=64,
+    ...                   max_seq_len=16)
     >>> cache = init_cache(cfg, batch_size=3, max_len=10)
     >>> len(cache.keys), cache.keys[0].shape, int(cache.index)
     (2, (3, 10, 4, 8), 0)
@@ -113,7 +114,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     Returns:
       FLOPs per trained token; multiply by tokens/s and divide by peak FLOP/s for the MFU.
 
-    >>> flops_per_token(ModelConfig(), 128)  # the default model: 6 * 622,720 + 589,824
+    >>> flops_per_token(ModelConfig(vocab_size=257), 128)  # 6 * 622,720 + 589,824
     4326144.0
     """
     d, layers = cfg.d_model, cfg.num_layers
@@ -308,13 +309,18 @@ class Transformer(nnx.Module):
       cpu_paths: compute through :mod:`jaxtricks.lm.cpu`'s paths; default (None): when
         ``jax.default_backend() == "cpu"``. The parameters are the same either way.
 
-    >>> cfg = ModelConfig(num_layers=2, d_model=32, num_heads=4, d_ff=64, max_seq_len=16)
+    >>> cfg = ModelConfig(vocab_size=257, num_layers=2, d_model=32, num_heads=4, d_ff=64,
+    ...                   max_seq_len=16)
     >>> model = Transformer(cfg, rngs=nnx.Rngs(0))
     >>> model(jnp.zeros((3, 10), jnp.int32)).shape
     (3, 10, 257)
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, cpu_paths: bool | None = None):
+        if not isinstance(cfg.vocab_size, int):
+            raise ValueError(
+                f"vocab_size={cfg.vocab_size!r}: a model needs a number of embedding rows; "
+                "'auto' is resolved by jaxtricks.lm.config.Config from the tokenizer.")
         self.cfg = cfg
         # The one place the CPU paths are chosen: XLA:CPU runs them faster; other backends (and
         # their fused attention kernels) take the plain layers.

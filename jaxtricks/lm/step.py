@@ -32,11 +32,21 @@ class TrainState(NamedTuple):
     opt_state: optax.OptState
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Mean next-token cross-entropy in nats, computed in float32."""
-    # logits: (batch, seq, vocab); targets: (batch, seq)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-    return losses.mean()
+def cross_entropy(logits: jax.Array, targets: jax.Array, vocab_limit: int | None = None
+                  ) -> jax.Array:
+    """Mean next-token cross-entropy in nats, computed in float32; the logits of ids from
+    ``vocab_limit`` on (the embedding's padding rows) are left out of the softmax."""
+    return token_losses(logits, targets, vocab_limit).mean()
+
+
+def token_losses(logits: jax.Array, targets: jax.Array, vocab_limit: int | None = None
+                 ) -> jax.Array:
+    """Each position's cross-entropy in nats (float32), ``(batch, seq)``; see
+    :func:`cross_entropy`."""
+    logits = logits.astype(jnp.float32)  # (batch, seq, vocab)
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+        logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
 
 
 def _mean_over_devices(x, axis_name):
@@ -107,6 +117,7 @@ def train_step(
     axis_name: str | None,
     microbatches: int = 1,
     unroll_microbatches: bool = False,
+    vocab_limit: int | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One update on this device's share of the batch; gradients are averaged over ``axis_name``.
 
@@ -121,7 +132,7 @@ def train_step(
     def loss_fn(params, batch, dropout_rng):
         model = nnx.merge(graphdef, params, rest)
         logits = model(batch["inputs"], dropout_rng=dropout_rng)  # (batch, seq, vocab)
-        return cross_entropy(logits, batch["targets"])
+        return cross_entropy(logits, batch["targets"], vocab_limit)
 
     loss, grads = accumulate_gradients(loss_fn, state.params, batch, dropout_rng, microbatches,
                                        unroll_microbatches)
@@ -139,10 +150,11 @@ def eval_step(
     graphdef: nnx.GraphDef,
     rest: Any,
     axis_name: str | None,
+    vocab_limit: int | None = None,
 ) -> jax.Array:
     """Mean validation cross-entropy (nats per token) of this batch, averaged over devices."""
     model = nnx.merge(graphdef, params, rest)
-    loss = cross_entropy(model(batch["inputs"]), batch["targets"])
+    loss = cross_entropy(model(batch["inputs"]), batch["targets"], vocab_limit)
     return _mean_over_devices(loss, axis_name)
 
 
@@ -171,6 +183,7 @@ def make_steps(
     mesh_shape: tuple[int, int, int] | None = None,
     microbatches: int = 1,
     unroll_microbatches: bool = False,
+    vocab_limit: int | None = None,
 ) -> Steps:
     """The train and eval steps, jitted over a device mesh (or pmapped), the state donated.
 
@@ -180,7 +193,8 @@ def make_steps(
     step in ``jax.pmap`` over this process's devices (the state replicated); "auto" is "mesh" with
     more than one device, else "single". ``state`` (concrete or abstract) gives the state's
     structure. ``microbatches`` and ``unroll_microbatches``: gradient accumulation over parts of
-    each step's batch (:func:`accumulate_gradients`).
+    each step's batch (:func:`accumulate_gradients`). ``vocab_limit``: the tokenizer's size, when
+    the embedding has padding rows (their logits are masked out of the loss).
     The state's buffers are donated: the caller must use the returned state, not the old one.
     """
     from jaxtricks.lm import sharding as sharding_lib
@@ -188,7 +202,8 @@ def make_steps(
     if parallelism == "auto":
         parallelism = "mesh" if jax.device_count() > 1 else "single"
     if parallelism == "pmap":
-        return _pmap_steps(graphdef, rest, optimizer, microbatches, unroll_microbatches)
+        return _pmap_steps(graphdef, rest, optimizer, microbatches, unroll_microbatches,
+                           vocab_limit)
     if parallelism == "single":
         mesh = sharding_lib.make_mesh((1, 1, 1), jax.local_devices()[:1])
     else:
@@ -199,8 +214,10 @@ def make_steps(
     train = functools.partial(
         train_step, graphdef=graphdef, rest=rest, optimizer=optimizer, axis_name=None,
         microbatches=microbatches, unroll_microbatches=unroll_microbatches,
+        vocab_limit=vocab_limit,
     )
-    evaluate = functools.partial(eval_step, graphdef=graphdef, rest=rest, axis_name=None)
+    evaluate = functools.partial(eval_step, graphdef=graphdef, rest=rest, axis_name=None,
+                                 vocab_limit=vocab_limit)
     rows: dict[int, slice] = {}  # this process's rows, per global batch size
 
     def put_batch(global_batch):
@@ -250,15 +267,18 @@ class _OnMesh:
         return getattr(self.jitted, name)
 
 
-def _pmap_steps(graphdef, rest, optimizer, microbatches, unroll_microbatches) -> Steps:
+def _pmap_steps(graphdef, rest, optimizer, microbatches, unroll_microbatches,
+                vocab_limit) -> Steps:
     """The same step under ``jax.pmap`` over this process's devices, the state replicated."""
     devices = jax.local_devices()
     n = len(devices)
     train = functools.partial(
         train_step, graphdef=graphdef, rest=rest, optimizer=optimizer, axis_name=AXIS,
         microbatches=microbatches, unroll_microbatches=unroll_microbatches,
+        vocab_limit=vocab_limit,
     )
-    evaluate = functools.partial(eval_step, graphdef=graphdef, rest=rest, axis_name=AXIS)
+    evaluate = functools.partial(eval_step, graphdef=graphdef, rest=rest, axis_name=AXIS,
+                                 vocab_limit=vocab_limit)
     # pmap takes arrays whose leading axis is split over the devices: say so with a sharding.
     over_devices = NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)), PartitionSpec(AXIS))
 

@@ -28,6 +28,7 @@ from flax import nnx
 
 from jaxtricks.lm import config as config_lib
 from jaxtricks.lm import sharding as sharding_lib
+from jaxtricks.lm import tokenizer as tokenizer_lib
 from jaxtricks.lm.checkpoint import CheckpointError, Checkpoints
 from jaxtricks.lm.config import optimizer_from_config
 from jaxtricks.lm.cpu import use_cpu_devices
@@ -84,6 +85,13 @@ def check_resumable(saved: dict, config: config_lib.Config) -> list[str]:
                 "a run can only resume with the same model shape (use another --workdir to start "
                 "a new run)."
             )
+    old = saved.get("data", {}).get("tokenizer", "byte")  # runs saved before data.tokenizer: byte
+    if old != config.data.tokenizer:
+        raise CheckpointError(
+            f"the checkpoint was made with data.tokenizer={old!r} but the config says "
+            f"{config.data.tokenizer!r}; a run resumes with the tokenizer it was trained with "
+            "(use another --workdir to start a new run)."
+        )
     for key, structural in OPTIMIZER_STATE_KEYS.items():
         old, new = saved.get("optimizer", {}).get(key), current["optimizer"][key]
         if structural(old) != structural(new):
@@ -137,15 +145,48 @@ def init(config: config_lib.Config, *, learning_rate: Any = None, abstract: bool
     return Init(model, graphdef, rest, optimizer, state, create)
 
 
-def build_steps(config: config_lib.Config, plan: Plan, *, learning_rate: Any = None
-                ) -> tuple[Init, Steps]:
+def build_steps(config: config_lib.Config, plan: Plan, *, learning_rate: Any = None,
+                vocab_limit: int | None = None) -> tuple[Init, Steps]:
     """:func:`init` (abstract) and the steps over ``plan``'s devices: what a run and the
-    learning-rate range test compile."""
+    learning-rate range test compile. ``vocab_limit``: the tokenizer's size (the embedding's
+    padding rows are masked out of the loss)."""
     start = init(config, learning_rate=learning_rate, abstract=True)
     steps = make_steps(start.graphdef, start.rest, start.optimizer, start.state, plan.parallelism,
                        mesh_shape=plan.mesh_shape, microbatches=config.train.microbatches,
-                       unroll_microbatches=config.train.unroll_microbatches)
+                       unroll_microbatches=config.train.unroll_microbatches,
+                       vocab_limit=vocab_limit)
     return start, steps
+
+
+def run_tokenizer(config: config_lib.Config, workdir: Path) -> Any:
+    """The run's tokenizer: the BPE saved in the workdir when there is one (a resumed run keeps
+    the tokenizer it was trained with, whatever became of the data), else the data's
+    (:func:`jaxtricks.lm.data.tokenizer_for`: a BPE is trained once, beside the prepared data)."""
+    from jaxtricks.lm import data as data_lib
+
+    saved = workdir / tokenizer_lib.FILE_NAME
+    if config.data.tokenizer == "bpe" and saved.exists():
+        return tokenizer_lib.load(saved)
+    return data_lib.tokenizer_for(config.data)
+
+
+def check_workdir_tokenizer(config: config_lib.Config, workdir: Path) -> None:
+    """CheckpointError for a BPE run whose workdir's ``tokenizer.json`` is corrupt, or missing
+    beside its checkpoints."""
+    if config.data.tokenizer != "bpe":
+        return
+    saved = workdir / tokenizer_lib.FILE_NAME
+    try:
+        if saved.exists():
+            tokenizer_lib.load(saved)
+        elif (workdir / "checkpoints").is_dir() and Checkpoints(workdir, keep=1).steps():
+            raise tokenizer_lib.TokenizerError(
+                f"{saved} is missing, but {workdir / 'checkpoints'} holds a BPE run's checkpoints")
+    except tokenizer_lib.TokenizerError as e:
+        raise CheckpointError(
+            f"the run's tokenizer: {e}; the model can only resume with the tokenizer it was "
+            "trained with (restore that file, or use another --workdir to start a new run)."
+        ) from None
 
 
 def preflight(config: config_lib.Config, workdir: Path) -> Plan:
@@ -171,6 +212,7 @@ def preflight(config: config_lib.Config, workdir: Path) -> Plan:
     from jaxtricks.lm import data as data_lib  # tensorflow-datasets, grain: only for the data
 
     data_lib.check_data(config.data)
+    check_workdir_tokenizer(config, workdir)
     existing = workdir
     while not existing.exists():
         existing = existing.parent
@@ -217,17 +259,21 @@ def train(config: config_lib.Config, workdir: Path, plan: Plan) -> dict[str, Any
         for change in check_resumable(read_saved_config(checkpoints, resume_from), config):
             say(f"resuming with a changed config: {change}")
 
+    # Tokenizer: the workdir's, or the data's (a BPE is learned from the training split once).
+    tokenizer = run_tokenizer(config, workdir)
+
     # Mesh, model and optimizer, and the step: one function jitted over the mesh (or pmapped),
     # the state sharded as the logical axis rules say and donated. Nothing is allocated yet.
-    start_state, steps = build_steps(config, plan)
+    start_state, steps = build_steps(config, plan, vocab_limit=tokenizer.vocab_size)
     rng = jax.random.key(tc.seed)  # the step folds in the step number
 
     # Data: global batches, the same on every process; each hands the step its own rows.
     from jaxtricks.lm import data as data_lib
 
-    train_iter = data_lib.train_iterator(config.data, batch_size=tc.batch_size, seed=tc.seed)
+    train_iter = data_lib.train_iterator(config.data, batch_size=tc.batch_size, seed=tc.seed,
+                                         tokenizer=tokenizer)
     eval_set = data_lib.eval_batches(config.data, batch_size=tc.batch_size,
-                                     num_batches=tc.eval_batches)
+                                     num_batches=tc.eval_batches, tokenizer=tokenizer)
 
     # State: restored onto this run's devices (whatever mesh saved it) or made on them, sharded.
     # Only now is anything (but the lock) written.
@@ -241,7 +287,7 @@ def train(config: config_lib.Config, workdir: Path, plan: Plan) -> dict[str, Any
     else:
         state = steps.init_state(start_state.create)
     if main:
-        write_run_files(workdir, config, steps, state, checkpoints.directory)
+        write_run_files(workdir, config, steps, state, checkpoints.directory, tokenizer)
     flops = flops_per_token(config.model, config.data.seq_len)
     say(f"model: {count_params(start_state.model) / 1e6:.2f}M parameters, {flops / 1e6:.1f} "
         f"MFLOPs per token; {describe_devices(steps)}")
@@ -271,7 +317,8 @@ def train(config: config_lib.Config, workdir: Path, plan: Plan) -> dict[str, Any
                 pending = (step, metrics)
                 progress.advance()
                 if is_due(step, tc.eval_every, tc.steps):
-                    latest.update(evaluate_and_log(steps, state.params, eval_set, step, train_log))
+                    latest.update(evaluate_and_log(steps, state.params, eval_set, tokenizer,
+                                                   step, train_log))
                 stopping = stop.check(step)
                 if is_due(step, tc.checkpoint_every, tc.steps) or stopping:
                     checkpoints.save(step, steps.get_state(state), train_iter.get_state(),
@@ -299,8 +346,8 @@ def train(config: config_lib.Config, workdir: Path, plan: Plan) -> dict[str, Any
         params = gathered(steps.get_state(state).params)  # every process takes part
         if main:
             final_model = nnx.merge(start_state.graphdef, params, start_state.rest)
-            say("sample:\n" + sample_text(final_model, tc.sample_prompt, tc.sample_tokens,
-                                           tc.seed))
+            say("sample:\n" + sample_text(final_model, tokenizer, tc.sample_prompt,
+                                           tc.sample_tokens, tc.seed))
     return latest
 
 
@@ -344,9 +391,9 @@ def describe_devices(steps: Steps) -> str:
 
 
 def write_run_files(workdir: Path, config: config_lib.Config, steps: Steps, state: TrainState,
-                    checkpoint_dir: Path) -> None:
-    """``config.json`` and ``run.json``: the devices, the mesh and the state's bytes (in all, and
-    on the device that holds the most), so a user sees what sharding saved."""
+                    checkpoint_dir: Path, tokenizer: Any) -> None:
+    """``config.json``, ``run.json`` (the devices, the mesh and the state's bytes in all and on
+    one device, so a user sees what sharding saved) and a BPE's ``tokenizer.json``."""
     total, per_device = sharding_lib.state_bytes(steps.get_state(state))
     run = {
         "parallelism": steps.parallelism,
@@ -362,6 +409,10 @@ def write_run_files(workdir: Path, config: config_lib.Config, steps: Steps, stat
     for name, content in [("config.json", config_lib.to_dict(config)), ("run.json", run)]:
         with stop_on_write_error(workdir / name, checkpoints=checkpoint_dir):
             (workdir / name).write_text(json.dumps(content, indent=2) + "\n")
+    saved = workdir / tokenizer_lib.FILE_NAME
+    if tokenizer.name == "bpe" and not saved.exists():
+        with stop_on_write_error(saved, checkpoints=checkpoint_dir):
+            tokenizer.save(saved)
 
 
 def gathered(tree: Any) -> Any:
@@ -419,20 +470,31 @@ def total_peak_flops(steps: Steps) -> float | None:
     return None if peak is None else peak * steps.num_devices
 
 
-def evaluate(steps: Steps, params: Any, eval_set: list[dict[str, np.ndarray]]) -> dict[str, float]:
-    """Mean validation loss over the fixed evaluation batches, in nats and in bits per byte."""
+def evaluate(steps: Steps, params: Any, eval_set: list[dict[str, np.ndarray]],
+             tokenizer: Any) -> dict[str, float]:
+    r"""Validation loss over the fixed evaluation batches: per token in nats, and per byte in bits.
+
+    .. math::
+        \text{val\_bits\_per\_byte} = \frac{\sum_t \ell_t}{\ln 2 \, \sum_t b_t}
+
+    over the batches' target tokens :math:`t`, :math:`\ell_t` the loss in nats and :math:`b_t` the
+    UTF-8 bytes the token stands for (``tokenizer.token_bytes``; the end-of-document token counts
+    one): for bytes, the loss per token divided by ln 2.
+    """
     losses = [float(np.mean(np.asarray(steps.eval(params, steps.put_batch(batch)))))
-              for batch in eval_set]
-    val_loss = float(np.mean(losses))
-    # Byte-level tokens: one token per byte (the end-of-document token counted as one).
-    return {"val_loss": val_loss, "val_bits_per_byte": val_loss / math.log(2)}
+              for batch in eval_set]  # each batch's mean over its tokens
+    tokens = [batch["targets"].size for batch in eval_set]
+    text_bytes = sum(int(tokenizer.token_bytes[batch["targets"]].sum()) for batch in eval_set)
+    total_nats = sum(loss * n for loss, n in zip(losses, tokens, strict=True))
+    return {"val_loss": total_nats / sum(tokens),
+            "val_bits_per_byte": total_nats / math.log(2) / text_bytes}
 
 
-def evaluate_and_log(steps: Steps, params: Any, eval_set: list[dict[str, np.ndarray]], step: int,
-                     train_log: TrainLog) -> dict[str, float]:
+def evaluate_and_log(steps: Steps, params: Any, eval_set: list[dict[str, np.ndarray]],
+                     tokenizer: Any, step: int, train_log: TrainLog) -> dict[str, float]:
     """:func:`evaluate` after ``step``, written to the metrics and shown; the loop calls it every
     ``train.eval_every`` steps and after the last."""
-    results = evaluate(steps, params, eval_set)
+    results = evaluate(steps, params, eval_set, tokenizer)
     train_log.metrics.write(step, results)
     train_log.progress.write(f"step {step}: val_loss {results['val_loss']:.4f}, "
                              f"{results['val_bits_per_byte']:.3f} bits/byte")
@@ -652,14 +714,14 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def sample_text(model: Transformer, prompt: str, num_tokens: int, seed: int) -> str:
-    """``prompt`` and ``num_tokens`` bytes sampled after it (temperature 0.8, top-k 40)."""
-    from jaxtricks.lm.data import ByteTokenizer
+def sample_text(model: Transformer, tokenizer: Any, prompt: str, num_tokens: int, seed: int
+                ) -> str:
+    """``prompt`` and ``num_tokens`` tokens sampled after it (temperature 0.8, top-k 40)."""
     from jaxtricks.lm.sampling import generate
 
-    tokenizer = ByteTokenizer()
     out = generate(model, tokenizer.encode(prompt)[None, :], max_new_tokens=num_tokens,
-                   rng=jax.random.key(seed), temperature=0.8, top_k=40)
+                   rng=jax.random.key(seed), temperature=0.8, top_k=40,
+                   vocab_limit=tokenizer.vocab_size)
     return tokenizer.decode(np.asarray(out)[0])
 
 
@@ -676,3 +738,16 @@ def load_model(workdir: str | Path) -> tuple[config_lib.Config, Transformer, int
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), start.state))
     checkpoints.close()
     return config, nnx.merge(start.graphdef, state.params, start.rest), step
+
+
+def load_tokenizer(config: config_lib.Config, workdir: str | Path) -> Any:
+    """The tokenizer a run in ``workdir`` was trained with: its ``tokenizer.json`` for a BPE run
+    (CheckpointError when it is missing or corrupt), the byte tokenizer otherwise."""
+    if config.data.tokenizer != "bpe":
+        from jaxtricks.lm.tokenizer import ByteTokenizer
+
+        return ByteTokenizer()
+    try:
+        return tokenizer_lib.load(Path(workdir) / tokenizer_lib.FILE_NAME)
+    except tokenizer_lib.TokenizerError as e:
+        raise CheckpointError(f"the run's tokenizer: {e}.") from None
