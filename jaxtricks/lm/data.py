@@ -571,13 +571,23 @@ def tokenizer_for(cfg: DataConfig) -> Any:
     path = bpe_path(cfg)
     if path.is_file():
         return tokenizer_lib.load(path)
-    source, text_field = _open_split(cfg, "train")
+    source, text_field = _open_split(cfg, "train")  # the training split only
     ids = np.unique(np.linspace(0, len(source) - 1, min(len(source), BPE_TRAIN_DOCS)).astype(int))
     texts = (_as_str(source[int(i)][text_field]) for i in ids)
     bpe = tokenizer_lib.train_bpe(texts, cfg.bpe_vocab_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     bpe.save(path)  # atomic: another process training the same BPE writes the same file
     return bpe
+
+
+def documents(cfg: DataConfig, split: str) -> list[str]:
+    """The documents of ``split`` (``"train"`` or ``"validation"``) as text, in stored order;
+    e.g. the held-out documents, for ``jaxtricks eval``::
+
+        text = "\\n\\n".join(documents(cfg, "validation"))
+    """
+    source, text_field = _open_split(cfg, split)
+    return [_as_str(source[i][text_field]) for i in range(len(source))]
 
 
 def bpe_path(cfg: DataConfig) -> Path:
