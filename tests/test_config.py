@@ -59,10 +59,20 @@ def test_round_trip_through_dict():
         (["optimizer.name=lion"], "optimizer.name='lion' is not allowed; choose one of sgd"),
         (["optimizer.power=0"], "optimizer.power=0.0 is out of range"),
         (["optimizer.clip_norm=0"], "optimizer.clip_norm=0.0 is out of range"),
-        (["optimizer.warmup_steps=2000"], "0 <= warmup_steps < train.steps=800"),
+        (["optimizer.warmup_steps=2000"], "0 <= warmup_steps < train.steps=900"),
         (["data.seq_len=4096"], "data.seq_len=4096 is out of range; allowed: <= model.max_seq_len"),
         (["model.d_model=190"], "a multiple of model.num_heads=4"),
         (["model.dropout=1.5"], "model.dropout=1.5 is out of range"),
+        (["data.tokenizer=wordpiece"],
+         "data.tokenizer='wordpiece' is not allowed; choose one of byte, bpe"),
+        (["data.bpe_vocab_size=256"],
+         "data.bpe_vocab_size=256 is out of range; allowed: 257 to 1,000,000"),
+        (["data.bpe_vocab_size=1000001"],
+         "data.bpe_vocab_size=1000001 is out of range; allowed: 257 to 1,000,000"),
+        (["data.tokenizer=bpe", "model.vocab_size=1000"],
+         "model.vocab_size=1000 is out of range; allowed: >= data.bpe_vocab_size=4096"),
+        (["model.vocab_size=big"],
+         "model.vocab_size='big' is not allowed; allowed: an integer or auto"),
         (["model.attention=flash"],
          "model.attention='flash' is not allowed; choose one of auto, xla, cudnn"),
         (["data.source=text"], "data.path='' is out of range; allowed: a file, folder or glob"),
@@ -193,8 +203,10 @@ def test_default_config_builds_and_reports():
 
 
 def test_a_saved_config_with_a_retired_key_still_loads():
-    saved = config_lib.to_dict(config_lib.load(None, ["model.num_layers=2"]))
+    saved = config_lib.to_dict(config_lib.load(None, ["model.num_layers=2", "data.tokenizer=byte"]))
     saved["model"]["attention_blocks"] = 4  # what runs saved before model.attention
-    assert config_lib.from_saved(saved) == config_lib.load(None, ["model.num_layers=2"])
+    del saved["data"]["tokenizer"]  # ... and before data.tokenizer: they read bytes
+    assert config_lib.from_saved(saved) == config_lib.load(
+        None, ["model.num_layers=2", "data.tokenizer=byte"])
     with pytest.raises(ConfigError, match="unknown config key 'model.attention_blocks'"):
         config_lib.from_dict(saved)

@@ -138,7 +138,8 @@ def test_processes_start_only_where_asked_or_a_cluster_is_detected(monkeypatch, 
 
 # --------------------------------------------------------------------------- the trainer (slow)
 
-TINY = ["model.num_layers=2", "model.d_model=64", "model.num_heads=4", "model.d_ff=256",
+TINY = ["data.tokenizer=byte",  # bytes: smaller and quicker than the default BPE
+        "model.num_layers=2", "model.d_model=64", "model.num_heads=4", "model.d_ff=256",
         "model.max_seq_len=32", "data.seq_len=32", "train.batch_size=8", "train.steps=12",
         "optimizer.warmup_steps=2", "train.log_every=1", "train.eval_every=6",
         "train.checkpoint_every=6", "train.sample_tokens=0"]

@@ -14,7 +14,8 @@ from jaxtricks.lm import config as config_lib
 from jaxtricks.lm.step import accumulate_gradients, cross_entropy, make_steps
 from jaxtricks.lm.training import init
 
-TINY = ["model.num_layers=2", "model.d_model=32", "model.num_heads=2", "model.d_ff=64",
+TINY = ["data.tokenizer=byte",  # bytes: smaller and quicker than the default BPE
+        "model.num_layers=2", "model.d_model=32", "model.num_heads=2", "model.d_ff=64",
         "model.max_seq_len=16", "data.seq_len=16", "train.batch_size=8", "train.steps=50",
         "optimizer.warmup_steps=0"]
 

@@ -60,7 +60,8 @@ def test_load_refuses_missing_and_corrupt_files(tmp_path, bpe):
 
 
 def test_vocab_size_auto_pads_the_tokenizer_and_the_padding_is_masked():
-    assert config_lib.load(None, []).model.vocab_size == 320
+    assert config_lib.load(None, ["data.tokenizer=byte"]).model.vocab_size == 320
+    assert config_lib.load(None, []).model.vocab_size == 4096  # the default: a 4,096-token BPE
     cfg = config_lib.load(None, ["data.tokenizer=bpe", "data.bpe_vocab_size=1000"])
     assert cfg.model.vocab_size == 1024
     logits = np.random.default_rng(0).normal(size=(2, 3, 320)).astype(np.float32)

@@ -24,7 +24,8 @@ from jaxtricks.lm import data as data_lib
 from jaxtricks.lm import step as step_lib
 from jaxtricks.lm import training
 
-TINY = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.d_ff=64",
+TINY = ["data.tokenizer=byte",  # bytes: smaller and quicker than the default BPE
+        "model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.d_ff=64",
         "model.max_seq_len=32", "data.seq_len=32", "train.batch_size=8", "train.log_every=1",
         "train.eval_every=100", "train.checkpoint_every=25", "train.sample_tokens=0",
         "optimizer.warmup_steps=0"]

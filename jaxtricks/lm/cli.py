@@ -182,8 +182,8 @@ def cmd_sample(args) -> int:
     kwargs = dict(max_new_tokens=args.max_new_tokens, rng=jax.random.key(args.seed),
                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                   vocab_limit=tokenizer.vocab_size)
-    # The first call compiles (prefill and one decode step, for these shapes); the second runs
-    # the same compiled code and is the one timed.
+    # The first call compiles (the whole generation is one program, for these shapes); the
+    # second runs the same compiled code and is the one timed.
     start = time.perf_counter()
     generate(model, prompt, **kwargs)
     first = time.perf_counter() - start

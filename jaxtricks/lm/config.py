@@ -58,7 +58,7 @@ class DataConfig:
     text_field: str = "text"
     # byte: UTF-8 bytes (257 tokens with the end-of-document token); bpe: a byte-level BPE of
     # bpe_vocab_size tokens learned from the training split (Hugging Face tokenizers).
-    tokenizer: Literal["byte", "bpe"] = "byte"
+    tokenizer: Literal["byte", "bpe"] = "bpe"
     bpe_vocab_size: int = 4096
     data_dir: str = ""  # where TFDS datasets live ("" = TFDS's default, ~/tensorflow_datasets)
     seq_len: int = 128  # tokens per training sequence (<= model.max_seq_len)
@@ -100,7 +100,7 @@ class OptimizerConfig:
 class TrainConfig:
     """The loop: how long, how often to log, evaluate and save."""
 
-    steps: int = 800
+    steps: int = 900
     batch_size: int = 16  # global: split across all devices
     # Gradient accumulation: each device's batch in this many parts, one update from their mean
     # gradient. Scanned (memory: one part's activations) unless unrolled (XLA may run the parts
@@ -255,11 +255,18 @@ def from_dict(data: dict[str, Any]) -> Config:
 RETIRED_KEYS = (("model", "attention_blocks"),)  # replaced by model.attention
 
 
+# Keys whose default changed, with the value a config saved before they existed meant.
+EARLIER_DEFAULTS = (("data", "tokenizer", "byte"),)
+
+
 def from_saved(data: dict[str, Any]) -> Config:
-    """:func:`from_dict` for a config saved with a checkpoint, without :data:`RETIRED_KEYS`."""
+    """:func:`from_dict` for a config saved with a checkpoint, without :data:`RETIRED_KEYS` and
+    with :data:`EARLIER_DEFAULTS` where it predates them."""
     data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
     for section, key in RETIRED_KEYS:
         data.get(section, {}).pop(key, None)
+    for section, key, value in EARLIER_DEFAULTS:
+        data.setdefault(section, {}).setdefault(key, value)
     return from_dict(data)
 
 
