@@ -478,8 +478,9 @@ def _poison(monkeypatch, bad_steps):
 
     real_loss = step_lib.cross_entropy
 
-    def loss_that_explodes(logits, targets):
-        return real_loss(logits, targets) * jnp.where(jnp.all(targets == 255), jnp.nan, 1.0)
+    def loss_that_explodes(logits, targets, vocab_limit=None):
+        return real_loss(logits, targets, vocab_limit) * jnp.where(jnp.all(targets == 255),
+                                                                   jnp.nan, 1.0)
 
     monkeypatch.setattr(data_lib, "train_iterator", poisoned_iterator)
     monkeypatch.setattr(step_lib, "cross_entropy", loss_that_explodes)

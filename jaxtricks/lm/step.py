@@ -202,8 +202,8 @@ def make_steps(
     if parallelism == "auto":
         parallelism = "mesh" if jax.device_count() > 1 else "single"
     if parallelism == "pmap":
-        return _pmap_steps(graphdef, rest, optimizer, microbatches, unroll_microbatches,
-                           vocab_limit)
+        return _pmap_steps(*_bind(graphdef, rest, optimizer, AXIS, microbatches,
+                                  unroll_microbatches, vocab_limit))
     if parallelism == "single":
         mesh = sharding_lib.make_mesh((1, 1, 1), jax.local_devices()[:1])
     else:
@@ -211,13 +211,8 @@ def make_steps(
     state_sharding = sharding_lib.state_shardings(state, optimizer, mesh)
     batch = sharding_lib.batch_sharding(mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
-    train = functools.partial(
-        train_step, graphdef=graphdef, rest=rest, optimizer=optimizer, axis_name=None,
-        microbatches=microbatches, unroll_microbatches=unroll_microbatches,
-        vocab_limit=vocab_limit,
-    )
-    evaluate = functools.partial(eval_step, graphdef=graphdef, rest=rest, axis_name=None,
-                                 vocab_limit=vocab_limit)
+    train, evaluate = _bind(graphdef, rest, optimizer, None, microbatches, unroll_microbatches,
+                            vocab_limit)
     rows: dict[int, slice] = {}  # this process's rows, per global batch size
 
     def put_batch(global_batch):
@@ -267,18 +262,19 @@ class _OnMesh:
         return getattr(self.jitted, name)
 
 
-def _pmap_steps(graphdef, rest, optimizer, microbatches, unroll_microbatches,
-                vocab_limit) -> Steps:
+def _bind(graphdef, rest, optimizer, axis_name, microbatches, unroll_microbatches,
+          vocab_limit) -> tuple[Any, Any]:
+    """:func:`train_step` and :func:`eval_step` with all but their arrays bound."""
+    model = dict(graphdef=graphdef, rest=rest, axis_name=axis_name, vocab_limit=vocab_limit)
+    train = functools.partial(train_step, optimizer=optimizer, microbatches=microbatches,
+                              unroll_microbatches=unroll_microbatches, **model)
+    return train, functools.partial(eval_step, **model)
+
+
+def _pmap_steps(train, evaluate) -> Steps:
     """The same step under ``jax.pmap`` over this process's devices, the state replicated."""
     devices = jax.local_devices()
     n = len(devices)
-    train = functools.partial(
-        train_step, graphdef=graphdef, rest=rest, optimizer=optimizer, axis_name=AXIS,
-        microbatches=microbatches, unroll_microbatches=unroll_microbatches,
-        vocab_limit=vocab_limit,
-    )
-    evaluate = functools.partial(eval_step, graphdef=graphdef, rest=rest, axis_name=AXIS,
-                                 vocab_limit=vocab_limit)
     # pmap takes arrays whose leading axis is split over the devices: say so with a sharding.
     over_devices = NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)), PartitionSpec(AXIS))
 
