@@ -9,8 +9,9 @@ One table, :data:`LOGICAL_AXIS_RULES`, maps the logical axis names the model giv
   along its ``embed`` axis: FSDP / ZeRO-3, XLA gathering each one where it is used;
 * ``tensor``: attention heads and the MLP's hidden width are split (Megatron style).
 
-The vocabulary axis is left whole: the byte tokenizer's 257 tokens divide by no mesh size, and the
-embedding holds a small share of the parameters of the models this trainer builds. Biases and
+The vocabulary axis is left whole, so that one rules table serves every vocabulary size (an
+explicit ``model.vocab_size`` such as the byte tokenizer's 257 divides by no mesh size; ``auto``
+pads to a multiple of 64); the embedding is still split along ``d_model`` over ``fsdp``. Biases and
 norm scales of width ``d_model`` (``norm``) are replicated. XLA inserts every collective: there is
 no hand-written communication.
 
