@@ -253,7 +253,14 @@ def optimizer_stats(opt_state: Any) -> dict[str, jax.Array]:
       (float32, 1.0 when the last step was skipped) (from :class:`SkipNonfiniteState`; always
       present: all 0 when the chain has no :func:`jaxtricks.skip_nonfinite`, which never skips);
     - ``l1_penalty`` / ``l2_penalty`` (float32): the penalties at the parameters of the last update
-      (present when those tricks are in the chain with ``record_penalty=True``).
+      (present when those tricks are in the chain with ``record_penalty=True``);
+    - ``zclip_mean``, ``zclip_std``, ``zclip_threshold`` (float32): the running statistics and the
+      threshold of :func:`jaxtricks.zclip` (from :class:`jaxtricks.ZClipState`, when present); it
+      also sets ``grad_norm`` (its raw norm) and ``clipped`` (its decision), replacing those of a
+      :class:`ClipByGlobalNormState` in the same tree, which may sit after zclip and see the
+      clipped gradient;
+    - ``skipped_spikes`` (int32): steps skipped by :func:`jaxtricks.skip_spikes` since init (when
+      present).
 
     On a skipped step the inner states are kept, so ``learning_rate``, ``grad_norm``, ``clipped``
     and the penalties describe the last *applied* update.
@@ -285,6 +292,14 @@ def optimizer_stats(opt_state: Any) -> dict[str, jax.Array]:
     if (clip := first(clipping.ClipByGlobalNormState)) is not None:
         stats["grad_norm"] = clip.grad_norm
         stats["clipped"] = clip.clipped.astype(jnp.float32)
+    if (zc := first(clipping.ZClipState)) is not None:
+        stats["grad_norm"] = zc.norm
+        stats["clipped"] = zc.clipped.astype(jnp.float32)
+        stats["zclip_mean"] = zc.mean
+        stats["zclip_std"] = zc.std
+        stats["zclip_threshold"] = zc.threshold
+    if (spikes := first(clipping.SkipSpikesState)) is not None:
+        stats["skipped_spikes"] = spikes.skipped_spikes
     if (skip := first(clipping.SkipNonfiniteState)) is not None:
         stats["skipped"] = skip.total_skipped
         stats["consecutive_skipped"] = skip.consecutive_skipped
