@@ -212,6 +212,24 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in leaves]))
 
 
+def _update_unless(skip: jax.Array, inner: Any, updates: Any, inner_state: Any, params: Any,
+                   extra_args: dict) -> tuple[Any, Any]:
+    """``inner.update(...)``, or zero updates and ``inner_state`` untouched when ``skip``."""
+
+    def apply(_):
+        return inner.update(updates, inner_state, params, **extra_args)
+
+    def reject(_):
+        new_updates = jax.eval_shape(apply, None)[0]
+        zeros = jax.tree.map(lambda u: jnp.zeros(u.shape, u.dtype), new_updates)
+        return zeros, inner_state
+
+    # A branch, not jnp.where over every leaf: selecting between the old and new state made XLA
+    # copy the parameters and both Adam moments each step. The update is the true branch: the
+    # other order inserted copies too.
+    return jax.lax.cond(jnp.logical_not(skip), apply, reject, None)
+
+
 def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
     r"""Skip a step whose gradient holds a NaN or inf: zero update, inner state not advanced.
 
@@ -258,18 +276,8 @@ def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransfo
     def update_fn(updates, state, params=None, **extra_args):
         skip = jnp.logical_not(_all_finite(updates))
 
-        def apply(_):
-            return inner.update(updates, state.inner_state, params, **extra_args)
-
-        def reject(_):
-            new_updates = jax.eval_shape(apply, None)[0]
-            zeros = jax.tree.map(lambda u: jnp.zeros(u.shape, u.dtype), new_updates)
-            return zeros, state.inner_state
-
-        # A branch, not jnp.where over every leaf: selecting between the old and new state made
-        # XLA copy the parameters and both Adam moments each step.
-        # The update is the true branch: the other order inserted copies too.
-        new_updates, kept_inner = jax.lax.cond(jnp.logical_not(skip), apply, reject, None)
+        new_updates, kept_inner = _update_unless(skip, inner, updates, state.inner_state, params,
+                                                 extra_args)
         new_state = SkipNonfiniteState(
             inner_state=kept_inner,
             total_skipped=jnp.where(
@@ -514,16 +522,8 @@ def skip_spikes(
             extra_args = {**extra_args, "loss": loss}
         skip = (state.filled >= min_filled) & spike
 
-        def apply(_):
-            return inner.update(updates, state.inner_state, params, **extra_args)
-
-        def reject(_):
-            new_updates = jax.eval_shape(apply, None)[0]
-            zeros = jax.tree.map(lambda u: jnp.zeros(u.shape, u.dtype), new_updates)
-            return zeros, state.inner_state
-
-        # The update is the true branch, as in skip_nonfinite (the other order inserted copies).
-        new_updates, kept_inner = jax.lax.cond(jnp.logical_not(skip), apply, reject, None)
+        new_updates, kept_inner = _update_unless(skip, inner, updates, state.inner_state, params,
+                                                 extra_args)
 
         push = jnp.logical_not(skip) & finite
         norms = jnp.where(push, state.norms.at[state.index].set(norm), state.norms)
