@@ -481,8 +481,9 @@ def evaluate(steps: Steps, params: Any, eval_set: list[dict[str, np.ndarray]],
     UTF-8 bytes the token stands for (``tokenizer.token_bytes``; the end-of-document token counts
     one): for bytes, the loss per token divided by ln 2.
     """
-    losses = [float(np.mean(np.asarray(steps.eval(params, steps.put_batch(batch)))))
-              for batch in eval_set]  # each batch's mean over its tokens
+    # Every batch is dispatched before any result is read: one wait for the host, not one a batch.
+    device_losses = [steps.eval(params, steps.put_batch(batch)) for batch in eval_set]
+    losses = [float(np.mean(np.asarray(loss))) for loss in device_losses]  # means over tokens
     tokens = [batch["targets"].size for batch in eval_set]
     text_bytes = sum(int(tokenizer.token_bytes[batch["targets"]].sum()) for batch in eval_set)
     total_nats = sum(loss * n for loss, n in zip(losses, tokens, strict=True))
